@@ -1,0 +1,1 @@
+"""CLEVRER next-frame prediction as a DVC pipeline."""

@@ -1,0 +1,342 @@
+"""Typed, validated params: one frozen dataclass per params.yaml section."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params file with an unknown key, a missing key or a bad value."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: str = "data/raw"
+    frames: str = "data/frames.h5"
+    flow: str = "data/flow.h5"
+    latents: str = "data/latents.h5"
+    predictions: str = "data/predictions.h5"
+    vae: str = "models/vae.pt"
+    flow_vae: str = "models/flow_vae.pt"
+    temporal: str = "models/temporal.pt"
+    reports: str = "reports"
+
+    def report_dir(self, stage: str) -> Path:
+        """Directory of one stage's report: reports/<stage>/."""
+        return Path(self.reports) / stage
+
+
+@dataclass(frozen=True)
+class Videos:
+    train: int = 48
+    val: int = 8
+    test: int = 16
+
+    def __post_init__(self):
+        for split in ("train", "val", "test"):
+            _check(getattr(self, split) >= 0, f"data.videos.{split}", getattr(self, split), "must be >= 0")
+        _check(self.train > 0, "data.videos.train", self.train, "must be > 0")
+        _check(self.test > 0, "data.videos.test", self.test, "must be > 0")
+
+
+@dataclass(frozen=True)
+class Clevrer:
+    url: str = "http://data.csail.mit.edu/clevrer"
+    proposals: bool = False
+
+    def __post_init__(self):
+        _check(self.url.startswith(("http://", "https://", "file://")), "data.clevrer.url", self.url,
+               "must start with http://, https:// or file://")
+
+
+@dataclass(frozen=True)
+class Data:
+    source: Literal["synthetic", "clevrer"] = "synthetic"
+    seed: int = 0
+    videos: Videos = field(default_factory=Videos)
+    frames: int = 32
+    stride: int = 1
+    resolution: tuple[int, int] = (64, 64)
+    max_bad_fraction: float = 0.1
+    workers: int = 2
+    clevrer: Clevrer = field(default_factory=Clevrer)
+
+    def __post_init__(self):
+        _check(self.frames >= 2, "data.frames", self.frames, "must be >= 2")
+        _check(self.stride >= 1, "data.stride", self.stride, "must be >= 1")
+        _check(len(self.resolution) == 2 and all(r >= 8 for r in self.resolution), "data.resolution",
+               self.resolution, "must be [height, width], each >= 8")
+        _check(all(r % 8 == 0 for r in self.resolution), "data.resolution", self.resolution,
+               "height and width must be divisible by 8 (the VAEs downsample by up to 8)")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", self.max_bad_fraction,
+               "must be in [0, 1]")
+        _check(self.workers >= 1, "data.workers", self.workers, "must be >= 1")
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Split name -> number of videos, in a fixed order, empty splits left out."""
+        counts = {"train": self.videos.train, "val": self.videos.val, "test": self.videos.test}
+        return {k: v for k, v in counts.items() if v > 0}
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    width: int = 192
+    height: int = 128
+    frames: int = 32
+    fps: int = 25
+    min_objects: int = 3
+    max_objects: int = 6
+    enter_fraction: float = 0.3
+
+    def __post_init__(self):
+        _check(self.width >= 16 and self.height >= 16, "synthetic.width/height", (self.width, self.height),
+               "must be >= 16")
+        _check(self.frames >= 2, "synthetic.frames", self.frames, "must be >= 2")
+        _check(self.fps >= 1, "synthetic.fps", self.fps, "must be >= 1")
+        _check(1 <= self.min_objects <= self.max_objects <= 10, "synthetic.min_objects/max_objects",
+               (self.min_objects, self.max_objects), "need 1 <= min_objects <= max_objects <= 10")
+        _check(0.0 <= self.enter_fraction <= 1.0, "synthetic.enter_fraction", self.enter_fraction,
+               "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Flow:
+    backend: Literal["raft_large", "raft_small", "dis", "gt"] = "raft_large"
+    fallback: Literal["dis", "gt"] = "dis"
+    num_updates: int = 12
+    batch: int = 16
+    dis_preset: Literal["ultrafast", "fast", "medium"] = "medium"
+    occ_alpha1: float = 0.01
+    occ_alpha2: float = 0.5
+
+    def __post_init__(self):
+        _check(self.num_updates >= 1, "flow.num_updates", self.num_updates, "must be >= 1")
+        _check(self.batch >= 1, "flow.batch", self.batch, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class VAE:
+    latent_channels: int = 8
+    downsample: int = 4
+    hidden: int = 64
+    beta: float = 1e-4
+    kl_warmup: int = 500
+    lr: float = 2e-3
+    steps: int = 2500
+    batch: int = 32
+    workers: int = 0
+
+    def __post_init__(self):
+        _check(self.downsample in (1, 2, 4, 8), "downsample", self.downsample, "valid: 1, 2, 4, 8")
+        _check(self.latent_channels >= 1, "latent_channels", self.latent_channels, "must be >= 1")
+        _check(self.steps >= 1 and self.batch >= 1, "steps/batch", (self.steps, self.batch), "must be >= 1")
+        _check(self.beta >= 0, "beta", self.beta, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Model:
+    arch: Literal["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"] = "warp_occ"
+    hidden: int = 64
+    context: int = 4
+    encoder: Literal["resnet18", "vit_b_16", "cnn"] = "resnet18"
+
+    def __post_init__(self):
+        _check(self.hidden >= 1, "model.hidden", self.hidden, "must be >= 1")
+        _check(self.context >= 1, "model.context", self.context, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Loss:
+    latent: float = 1.0
+    flow: float = 0.1
+    occ: float = 0.1
+    decode: float = 1.0
+    residual: float = 1.0
+    collision: float = 0.1
+    state: float = 0.1
+    appearance: float = 0.5
+    motion: float = 0.5
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(getattr(self, f.name) >= 0, f"loss.{f.name}", getattr(self, f.name), "must be >= 0")
+        _check(self.focal_alpha <= 1, "loss.focal_alpha", self.focal_alpha, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Train:
+    steps: int = 1500
+    lr: float = 1e-3
+    batch: int = 16
+    rollout: int = 2
+    seed: int = 0
+    workers: int = 0
+
+    def __post_init__(self):
+        _check(self.steps >= 1 and self.batch >= 1, "train.steps/batch", (self.steps, self.batch), "must be >= 1")
+        _check(self.rollout >= 1, "train.rollout", self.rollout, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TTT:
+    enabled: bool = True
+    steps: int = 20
+    lr: float = 3e-4
+    params: Literal["flow_head", "all"] = "flow_head"
+    loss: Literal["warp", "full"] = "full"
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "ttt.steps", self.steps, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Eval:
+    context: int = 6
+    horizon: int = 10
+    protocol: Literal["default", "slotformer"] = "default"
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    figures: int = 4
+    collision_threshold: float = 0.5
+
+    def __post_init__(self):
+        _check(self.context >= 2, "eval.context", self.context, "must be >= 2")
+        _check(self.horizon >= 1, "eval.horizon", self.horizon, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: Paths = field(default_factory=Paths)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: Data = field(default_factory=Data)
+    synthetic: Synthetic = field(default_factory=Synthetic)
+    flow: Flow = field(default_factory=Flow)
+    vae: VAE = field(default_factory=VAE)
+    flow_vae: VAE = field(default_factory=lambda: VAE(latent_channels=4, hidden=32, kl_warmup=200, steps=800))
+    model: Model = field(default_factory=Model)
+    loss: Loss = field(default_factory=Loss)
+    train: Train = field(default_factory=Train)
+    ttt: TTT = field(default_factory=TTT)
+    eval: Eval = field(default_factory=Eval)
+
+    def __post_init__(self):
+        needed = self.eval.context + self.eval.horizon
+        _check(needed <= self.data.frames, "eval.context + eval.horizon", needed,
+               f"must be <= data.frames ({self.data.frames})")
+        _check(self.model.context <= self.eval.context, "model.context", self.model.context,
+               f"must be <= eval.context ({self.eval.context})")
+        for name in ("vae", "flow_vae"):
+            down = getattr(self, name).downsample
+            _check(all(r % down == 0 for r in self.data.resolution), f"{name}.downsample", down,
+                   f"must divide data.resolution {list(self.data.resolution)}")
+        if self.data.source == "synthetic":
+            needed_native = (self.data.frames - 1) * self.data.stride + 1
+            _check(self.synthetic.frames >= needed_native, "synthetic.frames", self.synthetic.frames,
+                   f"must be >= (data.frames - 1) * data.stride + 1 = {needed_native}")
+        if self.flow.backend == "gt" or self.flow.fallback == "gt":
+            _check(self.data.source == "synthetic", "flow.backend/fallback", "gt",
+                   "needs data.source=synthetic (real CLEVRER has no exact flow)")
+        if self.eval.protocol == "slotformer":
+            expected = {"data.resolution": (self.data.resolution, (64, 64)), "data.stride": (self.data.stride, 2),
+                        "eval.context": (self.eval.context, 6)}
+            wrong = [f"{k}={want} (got {got})" for k, (got, want) in expected.items() if got != want]
+            _check(not wrong, "eval.protocol", "slotformer", "requires " + ", ".join(wrong))
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad param {key}={value!r}: {why}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"bad param {where or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown param {', '.join(prefix + k for k in unknown)}; valid keys: {', '.join(valid)}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"bad param {where}={value!r}; valid values: {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"bad param {where}={value!r}: expected a list")
+        args = typing.get_args(hint)
+        if len(args) != len(value):
+            raise ConfigError(f"bad param {where}={value!r}: expected {len(args)} values")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"bad param {where}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"bad param {where}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"bad param {where}={value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"bad param {where}={value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported param type {hint} at {where}")
+
+
+def params_from_dict(raw: dict) -> Params:
+    """Validate a params mapping (as in params.yaml) into Params."""
+    try:
+        return _build(Params, raw or {}, "")
+    except TypeError as e:  # a dataclass validator compared incompatible values
+        raise ConfigError(str(e)) from e
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; errors name the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return params_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict:
+    """Params (or a section) as plain JSON-able dicts, e.g. for checkpoints and HDF5 attrs."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def params_hash(*sections: Any) -> str:
+    """Short stable hash of some params sections, recorded in output attrs."""
+    blob = json.dumps([to_dict(s) if dataclasses.is_dataclass(s) else s for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
