@@ -1,0 +1,111 @@
+"""Flow primitives shared by the whole project: backward warp, forward-backward occlusion, flow resize.
+
+Conventions (DESIGN §4-5): flow is in pixels of the grid it lives on, channel 0 = x (right),
+channel 1 = y (down). Warping is backward: `warp(x, flow)` samples x at p + flow(p).
+
+Every function accepts any number of leading batch dims: x [*, C, H, W], flow [*, 2, H, W]
+(e.g. [B, C, H, W] for frames, [B, T-1, 2, H, W] for a clip, or a single [C, H, W]); the leading
+dims of the two arguments must be equal (no broadcasting) and are preserved in the output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["warp", "occlusion", "resize_flow", "base_grid"]
+
+
+def _check_flow(flow: Tensor, name: str = "flow") -> None:
+    if not isinstance(flow, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(flow).__name__}")
+    if flow.dim() < 3 or flow.shape[-3] != 2:
+        raise ValueError(f"{name} must have shape [*, 2, H, W], got {tuple(flow.shape)}")
+    if not flow.is_floating_point():
+        raise ValueError(f"{name} must be a floating point tensor, got {flow.dtype}")
+
+
+def base_grid(height: int, width: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """Pixel coordinates [2, H, W] of a grid: channel 0 = x (column), channel 1 = y (row)."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
+                            torch.arange(width, device=device, dtype=dtype), indexing="ij")
+    return torch.stack([xs, ys])  # [2,H,W]
+
+
+def warp(x: Tensor, flow: Tensor) -> Tensor:
+    """Backward bilinear warp: out(p) = x(p + flow(p)); x [*,C,H,W], flow [*,2,H,W] in pixels of x's grid."""
+    _check_flow(flow)
+    if not isinstance(x, Tensor) or x.dim() < 3:
+        raise ValueError(f"x must have shape [*, C, H, W], got {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[:-3] != flow.shape[:-3] or x.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(f"x {tuple(x.shape)} and flow {tuple(flow.shape)} must share leading dims and H, W "
+                         f"(x [*, C, H, W], flow [*, 2, H, W])")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating point tensor, got {x.dtype}")
+    lead = x.shape[:-3]
+    C, H, W = x.shape[-3:]
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    xf = x.reshape(-1, C, H, W).to(dtype)  # [B,C,H,W]
+    ff = flow.reshape(-1, 2, H, W).to(dtype)  # [B,2,H,W]
+    pos = base_grid(H, W, device=x.device, dtype=dtype) + ff  # [B,2,H,W] sampling positions in pixels
+    # align_corners=True: pixel 0 -> -1, pixel W-1 -> +1
+    scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1)], device=x.device, dtype=dtype)
+    grid = (pos * scale.view(1, 2, 1, 1) - 1.0).permute(0, 2, 3, 1)  # [B,H,W,2] (x, y)
+    out = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=True)  # [B,C,H,W]
+    return out.to(x.dtype).reshape(*lead, C, H, W)
+
+
+def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float = 0.5,
+              sharpness: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Forward-backward check (UnFlow) on frame t+1's grid -> (soft, hard) [*,1,H,W], 1 = visible in frame t.
+
+    bwd [*,2,H,W] is the flow t+1 -> t on frame t+1's grid, fwd [*,2,H,W] the flow t -> t+1 on frame
+    t's grid. With w_f' = fwd warped by bwd, a pixel is visible (hard = 1) where
+    |bwd + w_f'|^2 < alpha1 * (|bwd|^2 + |w_f'|^2) + alpha2. With r = lhs / rhs, the soft score is
+    1 / (1 + r^sharpness) = sigmoid(-sharpness * log r): 1 for a perfectly consistent pixel, 0.5
+    exactly on the threshold (so hard == soft > 0.5), -> 0 for inconsistent ones.
+    """
+    _check_flow(bwd, "bwd")
+    _check_flow(fwd, "fwd")
+    if bwd.shape != fwd.shape:
+        raise ValueError(f"bwd {tuple(bwd.shape)} and fwd {tuple(fwd.shape)} must have the same shape [*, 2, H, W]")
+    if alpha1 < 0 or alpha2 <= 0:
+        raise ValueError(f"need alpha1 >= 0 and alpha2 > 0, got alpha1={alpha1}, alpha2={alpha2}")
+    if sharpness <= 0:
+        raise ValueError(f"sharpness must be > 0, got {sharpness}")
+    dtype = torch.promote_types(bwd.dtype, torch.float32)
+    b = bwd.to(dtype)
+    f = warp(fwd.to(dtype), b)  # [*,2,H,W] forward flow seen from frame t+1's grid
+    lhs = (b + f).square().sum(dim=-3, keepdim=True)  # [*,1,H,W]
+    rhs = alpha1 * (b.square().sum(dim=-3, keepdim=True) + f.square().sum(dim=-3, keepdim=True)) + alpha2
+    ratio = lhs / rhs  # [*,1,H,W], < 1 where visible
+    hard = (ratio < 1.0).to(bwd.dtype)
+    soft = torch.reciprocal(1.0 + ratio.pow(sharpness)).to(bwd.dtype)
+    return soft, hard
+
+
+def resize_flow(flow: Tensor, size: tuple[int, int], *, mode: str = "auto") -> Tensor:
+    """Resize flow [*,2,H,W] to size=(h, w) and rescale its vectors: x by w/W, y by h/H.
+
+    mode: "area" (average, for shrinking), "bilinear" (align_corners=False), or "auto" = area when
+    neither side grows, else bilinear. Pixel centres follow the half-pixel convention, so a
+    displacement of d pixels at width W is d * w / W pixels at width w.
+    """
+    _check_flow(flow)
+    if len(size) != 2 or any(int(s) < 1 for s in size):
+        raise ValueError(f"size must be (height, width) with both >= 1, got {size}")
+    h, w = int(size[0]), int(size[1])
+    H, W = flow.shape[-2:]
+    if (h, w) == (H, W):
+        return flow
+    if mode == "auto":
+        mode = "area" if h <= H and w <= W else "bilinear"
+    if mode not in ("area", "bilinear"):
+        raise ValueError(f"mode must be 'auto', 'area' or 'bilinear', got {mode!r}")
+    lead = flow.shape[:-3]
+    dtype = torch.promote_types(flow.dtype, torch.float32)
+    ff = flow.reshape(-1, 2, H, W).to(dtype)  # [B,2,H,W]
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    out = F.interpolate(ff, size=(h, w), mode=mode, **kw)  # [B,2,h,w]
+    scale = torch.tensor([w / W, h / H], device=flow.device, dtype=dtype).view(1, 2, 1, 1)
+    return (out * scale).to(flow.dtype).reshape(*lead, 2, h, w)
