@@ -1,0 +1,189 @@
+"""The project's one metrics module: PSNR, skimage-compatible SSIM, LPIPS, and collision AP / F1.
+
+Images are torch tensors [..., 3, H, W] with values in [0, 1]; every image metric returns one value per
+image, shape [...] (the leading dims of the input), so callers average however they like.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "psnr", "ssim", "gaussian_window", "LPIPSUnavailable", "lpips_backbone_path", "load_lpips",
+    "lpips_distance", "average_precision", "f1_score", "finite_or_none", "PSNR_MAX_DB",
+]
+
+# PSNR of identical images is +inf; it is capped here so that averages and JSON stay finite.
+PSNR_MAX_DB = 100.0
+
+
+def _check_pair(pred: Tensor, target: Tensor) -> None:
+    if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"pred and target must be torch.Tensors, got {type(pred).__name__}, {type(target).__name__}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    if pred.dim() < 3:
+        raise ValueError(f"images must have shape [..., C, H, W], got {tuple(pred.shape)}")
+
+
+def psnr(pred: Tensor, target: Tensor, *, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image: [..., C, H, W] -> [...] (capped at PSNR_MAX_DB)."""
+    _check_pair(pred, target)
+    diff = pred.to(torch.float64) - target.to(torch.float64)
+    mse = diff.square().mean(dim=(-3, -2, -1))  # [...]
+    floor = data_range ** 2 * 10.0 ** (-PSNR_MAX_DB / 10.0)
+    return (10.0 * torch.log10(data_range ** 2 / mse.clamp_min(floor))).to(torch.float32)
+
+
+def gaussian_window(sigma: float = 1.5, truncate: float = 3.5, *, dtype=torch.float64, device=None) -> Tensor:
+    """1-D Gaussian taps as scipy.ndimage builds them: radius int(truncate * sigma + 0.5), sum 1."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()  # [2r+1]
+
+
+def ssim(pred: Tensor, target: Tensor, *, data_range: float = 1.0, sigma: float = 1.5,
+         k1: float = 0.01, k2: float = 0.03) -> Tensor:
+    """Mean SSIM per image, [..., C, H, W] -> [...], equal to skimage's structural_similarity.
+
+    Matches `structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+    data_range=1, channel_axis=-1)`: an 11-tap Gaussian (truncate 3.5), population covariances, and the
+    SSIM map averaged after cropping the filter radius from each border. Inside that crop skimage's
+    reflect-padded filter never reaches the padding, so a 'valid' convolution gives the same numbers.
+    The per-channel means are averaged, as skimage does with channel_axis.
+    """
+    _check_pair(pred, target)
+    lead, (C, H, W) = pred.shape[:-3], pred.shape[-3:]
+    win = gaussian_window(sigma, dtype=torch.float64, device=pred.device)  # [K]
+    K = win.numel()
+    if H < K or W < K:
+        raise ValueError(f"ssim needs images of at least {K}x{K} pixels (the Gaussian window), got {H}x{W}")
+    x = pred.reshape(-1, 1, H, W).to(torch.float64)  # [B*C,1,H,W]
+    y = target.reshape(-1, 1, H, W).to(torch.float64)
+
+    def blur(img: Tensor) -> Tensor:  # separable valid Gaussian: [N,1,H,W] -> [N,1,H-K+1,W-K+1]
+        img = F.conv2d(img, win.view(1, 1, K, 1))
+        return F.conv2d(img, win.view(1, 1, 1, K))
+
+    stacked = blur(torch.cat([x, y, x * x, y * y, x * y], dim=1).reshape(-1, 1, H, W))
+    ux, uy, uxx, uyy, uxy = stacked.reshape(-1, 5, H - K + 1, W - K + 1).unbind(1)  # each [B*C,h,w]
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))  # [B*C,h,w]
+    per_channel = s.mean(dim=(-2, -1)).reshape(*lead, C)  # [..., C]
+    return per_channel.mean(dim=-1).to(torch.float32)  # [...]
+
+
+# ---------------------------------------------------------------------------------------------- LPIPS
+
+class LPIPSUnavailable(RuntimeError):
+    """LPIPS cannot be computed honestly here (e.g. the ImageNet backbone weights are not cached)."""
+
+
+def _backbone_weights(net: str):
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    table = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}
+    if net not in table:
+        raise ValueError(f"lpips net must be one of {sorted(table)}, got {net!r}")
+    return table[net]
+
+
+def lpips_backbone_path(net: str = "alex") -> Path:
+    """Where torchvision looks for the LPIPS backbone's ImageNet weights: $TORCH_HOME/hub/checkpoints/<file>."""
+    url = _backbone_weights(net).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def load_lpips(net: str = "alex", *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The official `lpips.LPIPS` model (pretrained linear layers + cached ImageNet backbone), in eval mode.
+
+    Raises LPIPSUnavailable, without any network call, when the backbone weights are not in the torch hub
+    cache: LPIPS with a randomly initialised backbone is not LPIPS and is never computed.
+    """
+    path = lpips_backbone_path(net)
+    if not path.is_file():
+        raise LPIPSUnavailable(f"LPIPS({net}) backbone weights not found at {path} (no network download is "
+                               f"attempted); place torchvision's {_backbone_weights(net)} file there to enable LPIPS")
+    try:
+        import lpips
+    except ImportError as e:  # pragma: no cover - lpips is in requirements.txt
+        raise LPIPSUnavailable(f"the `lpips` package is not installed: {e}") from e
+    try:
+        with warnings.catch_warnings():  # lpips uses torchvision's deprecated `pretrained=True` spelling
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+            model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=False, verbose=False)
+    except Exception as e:  # a truncated or foreign weights file
+        raise LPIPSUnavailable(f"LPIPS({net}) could not load its weights ({path}): {type(e).__name__}: {e}") from e
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+@torch.no_grad()
+def lpips_distance(model: torch.nn.Module, pred: Tensor, target: Tensor, *, batch: int = 64) -> Tensor:
+    """LPIPS distance per image, [..., 3, H, W] in [0, 1] -> [...] (lower is better)."""
+    _check_pair(pred, target)
+    if pred.shape[-3] != 3:
+        raise ValueError(f"lpips needs RGB images [..., 3, H, W], got {tuple(pred.shape)}")
+    lead, chw = pred.shape[:-3], pred.shape[-3:]
+    device = next(model.parameters()).device
+    a, b = pred.reshape(-1, *chw), target.reshape(-1, *chw)  # [N,3,H,W]
+    out = [model(a[i:i + batch].to(device, torch.float32), b[i:i + batch].to(device, torch.float32),
+                 normalize=True).flatten().cpu()
+           for i in range(0, a.shape[0], batch)]
+    return torch.cat(out).reshape(lead).to(torch.float32) if out else torch.zeros(lead)
+
+
+# ------------------------------------------------------------------------------------------ collision
+
+def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, Tensor) else scores, dtype=np.float64).ravel()
+    y = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.size}) and labels ({y.size}) must have the same number of elements")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or inf")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("labels must be 0 or 1")
+    return s, y.astype(bool)
+
+
+def average_precision(scores, labels) -> float | None:
+    """Area under the step precision-recall curve, sum_n (R_n - R_{n-1}) P_n (sklearn's definition).
+
+    Tied scores form one threshold. Returns None when there is no positive label (AP is undefined).
+    """
+    s, y = _scores_labels(scores, labels)
+    if not y.any():
+        return None
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_group = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # index of the last item at each threshold
+    tp = np.cumsum(y)[last_of_group]
+    fp = (last_of_group + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def f1_score(scores, labels, *, threshold: float = 0.5) -> float | None:
+    """F1 of `scores >= threshold` against labels; None when there is neither a positive label nor prediction."""
+    s, y = _scores_labels(scores, labels)
+    hit = s >= threshold
+    tp = int(np.sum(hit & y))
+    denom = 2 * tp + int(np.sum(hit & ~y)) + int(np.sum(~hit & y))
+    return None if denom == 0 else 2 * tp / denom
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """A float for JSON, or None when missing / not finite."""
+    return None if x is None or not math.isfinite(float(x)) else float(x)
