@@ -1,0 +1,92 @@
+"""End to end: `dvc repro` of the whole DAG with tiny params in a temporary git repo, then the
+experiment workflow users rely on (`dvc exp run -S model.arch=X` re-runs only what follows)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_params_dict
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["download", "extract", "flow", "train_vae", "train_flow_vae", "encode", "train_temporal", "infer",
+          "evaluate"]
+UPSTREAM = STAGES[:6]
+ARCHS = ["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"]
+
+
+def run(cmd, cwd, env=None):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w]+)'", output))
+
+
+def copy_project(dst):
+    """Copy the working tree's tracked and untracked-but-not-ignored files (what a clone would hold)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith(("reports/", "bench/results/")) or not (REPO / rel).exists():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    copy_project(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2", TORCH_HOME=str(root / ".torch_home"),
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    run(["git", "init", "-q", "-b", "main"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny"], root, env)
+    return root, env
+
+
+def test_repro_runs_every_stage_then_is_cached(project):
+    root, env = project
+    out = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert ran_stages(out) == set(STAGES), out[-3000:]
+    for rel in ("data/frames.h5", "data/flow.h5", "data/latents.h5", "data/predictions.h5", "models/vae.pt",
+                "models/flow_vae.pt", "models/temporal.pt", "dvc.lock"):
+        assert (root / rel).is_file(), rel
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    for method in ("model", "copy_last", "flow_extrap", "vae_ceiling"):
+        assert set(metrics[method]) >= {"psnr", "ssim", "lpips", "psnr_step1", "ssim_step1"}
+    assert metrics["arch"] == "warp_occ" and "collision" in metrics
+    flow_report = json.loads((root / "reports/flow/metrics.json").read_text())
+    assert flow_report["backend_used"] == "dis"
+    again = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert ran_stages(again) == set(), again
+    status = run([sys.executable, "-m", "dvc", "status"], root, env)
+    assert "up to date" in status, status
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], root, env)
+    assert "reports/metrics.json" in shown
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "warp_occ"])
+def test_exp_run_reruns_only_temporal_and_after(project, arch):
+    root, env = project
+    if not (root / "dvc.lock").exists():
+        pytest.skip("needs the default run first")
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline", "--allow-empty"], root, env)
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"model.arch={arch}"], root, env)
+    assert ran_stages(out) == {"train_temporal", "infer", "evaluate"}, out[-3000:]
+    assert all(f"Stage '{stage}' didn't change" in out for stage in UPSTREAM), out[-3000:]
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--md", "--no-pager"], root, env)
+    assert arch in shown
