@@ -62,14 +62,14 @@ def flow_vae_loss(model: FlowVAE, flow: torch.Tensor, *, beta: float, warmup: in
     """Flow VAE loss: EPE (pixels, mean per pixel) / flow_scale + kl_weight * KL (mean per element).
 
     The EPE term is divided by the fixed flow scale so that beta means the same as for the frame VAE
-    (a reconstruction error of order 1). Returns {'total', 'epe' (pixels), 'kl', 'beta'}.
+    (a reconstruction error of order 1). Returns {'total', 'epe' (pixels), 'kl', 'kl_weight'}.
     """
     recon, mu, logvar = model(flow)  # [B,2,H,W] pixels, [B,C,h,w] x2
     epe = end_point_error(recon, flow)
     kl = kl_divergence(mu.float(), logvar.float())
     w = kl_weight(step, beta=beta, warmup=warmup)
     scale = _config(model).flow_scale
-    return {"total": epe / scale + w * kl, "epe": epe, "kl": kl, "beta": torch.tensor(w)}
+    return {"total": epe / scale + w * kl, "epe": epe, "kl": kl, "kl_weight": torch.tensor(w)}
 
 
 def _config(model: torch.nn.Module) -> FlowVAEConfig:

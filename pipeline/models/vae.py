@@ -183,10 +183,10 @@ def kl_weight(step: int, *, beta: float, warmup: int) -> float:
 def frame_vae_loss(model: VAE, x: torch.Tensor, *, beta: float, warmup: int = 0, step: int = 0) -> dict:
     """Frame VAE loss: L1 (mean per pixel) + kl_weight * KL (mean per latent element).
 
-    Returns {'total', 'l1', 'kl', 'beta'}.
+    Returns {'total', 'l1', 'kl', 'kl_weight'}.
     """
     recon, mu, logvar = model(x)  # [B,3,H,W], [B,C,h,w] x2
     l1 = (recon.float() - x.float()).abs().mean()
     kl = kl_divergence(mu.float(), logvar.float())
     w = kl_weight(step, beta=beta, warmup=warmup)
-    return {"total": l1 + w * kl, "l1": l1, "kl": kl, "beta": torch.tensor(w)}
+    return {"total": l1 + w * kl, "l1": l1, "kl": kl, "kl_weight": torch.tensor(w)}

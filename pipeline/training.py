@@ -1,0 +1,357 @@
+"""The one training loop every training stage uses (frame VAE, flow VAE, temporal model).
+
+What it does, in order: picks the device (CUDA with AMP bf16/fp16, else CPU fp32), joins a
+torchrun/DDP group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), streams batches from a
+Dataset through a DataLoader (bounded memory, `workers` processes), runs `loss_fn`, clips
+gradients, follows a warm-up + cosine LR schedule, logs every named loss term with dvclive into
+the stage's report dir, writes a resume checkpoint every `ckpt_every` steps and the final
+checkpoint at the end (both atomically, rank 0 only).
+
+Resume: the resume checkpoint is a hidden sibling of the final one (`models/.vae.pt.resume`), so
+`dvc repro` (which deletes a stage's outs before running it) does not remove it; it is git-ignored
+with models/*. It is used only when its fingerprint (kind, model args, train config, params,
+dataset size, world size) matches the current run, and deleted once the final checkpoint is
+written. Batches are a pure function of (seed, step): each epoch's order comes from a generator
+seeded with seed + epoch, and the global torch RNG is re-seeded from (seed, step, rank) before
+every step, so a resumed run sees the same batches and noise as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint, unwrap
+from pipeline.io import resolve_device
+
+LossFn = Callable[..., dict]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch: int                 # per process; the global batch is batch * world size
+    lr: float
+    seed: int = 0
+    workers: int = 0           # DataLoader worker processes (0 = load in the main process)
+    warmup: int = 100          # linear LR warm-up steps
+    min_lr_ratio: float = 0.1  # cosine decays the LR to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0     # max global grad norm; 0 disables clipping
+    ckpt_every: int = 500      # steps between resume checkpoints; 0 disables them
+    log_every: int = 10        # steps between logged (averaged) metrics
+    amp: bool = True           # mixed precision on CUDA (bf16 where supported, else fp16)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"TrainConfig: steps and batch must be >= 1, got steps={self.steps}, batch={self.batch}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+        if self.workers < 0 or self.warmup < 0 or self.ckpt_every < 0 or self.clip_grad < 0:
+            raise ValueError(f"TrainConfig: workers, warmup, ckpt_every and clip_grad must be >= 0, got {self}")
+        if self.log_every < 1:
+            raise ValueError(f"TrainConfig: log_every must be >= 1, got {self.log_every}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module                  # the trained bare module (DDP unwrapped), on the training device
+    step: int                         # steps done
+    metrics: dict[str, float]         # last logged value of each metric
+    seconds: float                    # wall time of this process's training (excludes earlier runs)
+    resumed_from: int | None          # step a resume checkpoint was loaded at, else None
+    history: list[dict] = dataclasses.field(default_factory=list)  # every logged row
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the torchrun process group if WORLD_SIZE > 1; return (rank, world_size, local_rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single-process run)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op in a single-process run)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# reproducibility, schedule, sampling
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's CPU and CUDA generators (call before building a model)."""
+    torch.manual_seed(seed)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 101 + rank) % (2**63 - 1)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to config.lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    if config.warmup and step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    span = max(1, config.steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Endless batches of indices that depend only on (seed, step, rank): resumable at any step.
+
+    Each epoch is a DistributedSampler permutation (seeded with seed, set_epoch(epoch)) of this
+    rank's shard, cut into full batches; `start_step` skips the batches already consumed.
+    """
+
+    def __init__(self, size: int, batch: int, *, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        self.sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.batch, self.start_step = batch, start_step
+        self.per_epoch = self.sampler.num_samples // batch
+        if self.per_epoch < 1:
+            raise ValueError(f"dataset of {size} items gives {self.sampler.num_samples} per process, "
+                             f"fewer than one batch of {batch}; lower the batch size")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = divmod(self.start_step, self.per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            for b in range(skip, self.per_epoch):
+                yield order[b * self.batch:(b + 1) * self.batch]
+            epoch, skip = epoch + 1, 0
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move a tensor / tuple / list / dict of tensors to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def resume_path(checkpoint: str | Path) -> Path:
+    """Where the resume checkpoint of a final checkpoint lives: models/vae.pt -> models/.vae.pt.resume."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f".{checkpoint.name}.resume")
+
+
+def _fingerprint(**parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _amp_dtype(device: torch.device, config: TrainConfig) -> torch.dtype | None:
+    if device.type != "cuda" or not config.amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _takes_step(loss_fn: LossFn) -> bool:
+    try:
+        return "step" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainConfig,
+          checkpoint: str | Path, kind: str, model_args: dict, arch: str | None = None,
+          params: dict | None = None, report_dir: str | Path | None = None, device: str = "auto",
+          collate_fn: Callable | None = None, callback: Callable[[int, nn.Module], None] | None = None,
+          extra: dict | None = None) -> TrainResult:
+    """Train `model` on `dataset` and write the final self-describing checkpoint to `checkpoint`.
+
+    loss_fn(model, batch) -> dict, or loss_fn(model, batch, step=step) when it has a `step`
+    parameter (e.g. for KL warm-up). `model` may be a DDP wrapper: call it, don't reach into it
+    (use pipeline.checkpoint.unwrap for its methods). The dict has 'total' (the scalar to minimise)
+    and any other named scalars, each logged as train/<name>. `callback(step_done, model)` runs
+    after every step (rank-local; raising in it stops training, as an interruption would).
+    `extra` (plain values) is stored in the final checkpoint. Logs go to `report_dir` via dvclive.
+    """
+    rank, world, local_rank = init_distributed()
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local_rank)
+    amp_dtype = _amp_dtype(dev, config)
+    model = model.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    fingerprint = _fingerprint(kind=kind, model_args=model_args, arch=arch, config=dataclasses.asdict(config),
+                               params=params, size=len(dataset), world=world)
+    resume = resume_path(checkpoint)
+    start, history, resumed_from = 0, [], None
+    if resume.is_file():
+        try:
+            state = load_checkpoint(resume, kind=kind, map_location=dev)
+        except CheckpointError as e:
+            state = None
+            _say(rank, f"ignoring unreadable resume checkpoint ({e}); starting from step 0")
+        if state is not None and state.get("fingerprint") == fingerprint:
+            unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start, history, resumed_from = int(state["step"]), list(state.get("history", [])), int(state["step"])
+            _say(rank, f"resuming {kind} training from {resume} at step {start}/{config.steps}")
+        elif state is not None:
+            _say(rank, f"{resume} belongs to a different run (params, data or model changed); starting from step 0")
+    barrier()
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    live = _open_live(report_dir, history) if rank == 0 and report_dir is not None else None
+    sampler = StepBatchSampler(len(dataset), config.batch, seed=config.seed, start_step=start, rank=rank, world=world)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers, collate_fn=collate_fn,
+                        pin_memory=dev.type == "cuda", persistent_workers=False)
+    with_step = _takes_step(loss_fn)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    metrics = dict(history[-1]) if history else {}
+    metrics.pop("step", None)
+    t0 = time.perf_counter()
+    ddp_model.train()
+    batches = iter(loader)
+    try:
+        for step in range(start, config.steps):
+            batch = to_device(next(batches), dev)
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(_step_seed(config.seed, step, rank))
+            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                terms = loss_fn(ddp_model, batch, step=step) if with_step else loss_fn(ddp_model, batch)
+            if "total" not in terms:
+                raise KeyError(f"loss_fn must return a dict with 'total'; got keys {sorted(terms)}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["total"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad) if config.clip_grad
+                         else _grad_norm(model))
+            scaler.step(optimizer)
+            scaler.update()
+
+            for name, value in terms.items():
+                value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                sums[name] = sums.get(name, 0) + value.to(dev)
+            sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float().to(dev)
+            count += 1
+            done = step + 1
+
+            if done % config.log_every == 0 or done == config.steps:
+                metrics = _reduce_means(sums, count)
+                bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"{kind} training diverged before step {done}: non-finite {bad} "
+                                             f"({metrics}); lower the lr or check the data")
+                metrics["lr"] = lr
+                history.append({"step": done, **metrics})
+                if live is not None:
+                    _log_row(live, history[-1])
+                sums, count = {}, 0
+            if config.ckpt_every and done % config.ckpt_every == 0 and done < config.steps:
+                if rank == 0:
+                    save_checkpoint(resume, make_checkpoint(
+                        kind=kind, model=model, model_args=model_args, arch=arch, optimizer=optimizer,
+                        step=done, params=params, scaler=scaler.state_dict(), history=history,
+                        fingerprint=fingerprint))
+                barrier()
+            if callback is not None:
+                callback(done, ddp_model)
+    finally:
+        del batches
+        if live is not None:
+            live.end()
+    seconds = time.perf_counter() - t0
+
+    if rank == 0:
+        save_checkpoint(checkpoint, make_checkpoint(
+            kind=kind, model=model, model_args=model_args, arch=arch, optimizer=optimizer, step=config.steps,
+            params=params, metrics=metrics, history=history, train_seconds=seconds, **(extra or {})))
+        resume.unlink(missing_ok=True)
+    barrier()
+    return TrainResult(model=model, step=config.steps, metrics=metrics, seconds=seconds,
+                       resumed_from=resumed_from, history=history)
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _reduce_means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Average the accumulated terms over steps and (under DDP) over ranks; one host sync."""
+    names = sorted(sums)
+    vec = torch.stack([sums[n] for n in names]) / count
+    if dist.is_initialized():
+        dist.all_reduce(vec)
+        vec /= dist.get_world_size()
+    return {n: float(v) for n, v in zip(names, vec.tolist())}
+
+
+def _open_live(report_dir: str | Path, history: list[dict]):
+    """A fresh dvclive logger in report_dir, replaying rows logged before an interruption."""
+    from dvclive import Live
+
+    live = Live(str(report_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=False)
+    for row in history:
+        _log_row(live, row)
+    return live
+
+
+def _log_row(live, row: dict) -> None:
+    live.step = int(row["step"])
+    for name, value in row.items():
+        if name != "step":
+            live.log_metric(name if name in ("lr", "grad_norm") else f"train/{name}", value)
+    live.make_summary()
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[training] {message}", flush=True)
