@@ -114,6 +114,8 @@ class Flow:
     backend: Literal["raft_large", "raft_small", "dis", "gt"] = "raft_large"
     fallback: Literal["dis", "gt"] = "dis"
     num_updates: int = 12
+    cpu_raft: Literal["raft_large", "raft_small"] = "raft_small"  # RAFT variant when running on CPU
+    cpu_num_updates: int = 4  # RAFT iterations when running on CPU
     batch: int = 16
     dis_preset: Literal["ultrafast", "fast", "medium"] = "medium"
     occ_alpha1: float = 0.01
@@ -121,7 +123,10 @@ class Flow:
 
     def __post_init__(self):
         _check(self.num_updates >= 1, "flow.num_updates", self.num_updates, "must be >= 1")
+        _check(self.cpu_num_updates >= 1, "flow.cpu_num_updates", self.cpu_num_updates, "must be >= 1")
         _check(self.batch >= 1, "flow.batch", self.batch, "must be >= 1")
+        _check(self.occ_alpha1 >= 0, "flow.occ_alpha1", self.occ_alpha1, "must be >= 0")
+        _check(self.occ_alpha2 > 0, "flow.occ_alpha2", self.occ_alpha2, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -196,9 +201,12 @@ class TTT:
     lr: float = 3e-4
     params: Literal["flow_head", "all"] = "flow_head"
     loss: Literal["warp", "full"] = "full"
+    grad_clip: float = 1.0   # max global gradient norm per TTT step (divergence guard)
 
     def __post_init__(self):
         _check(self.steps >= 0, "ttt.steps", self.steps, "must be >= 0")
+        _check(self.lr > 0, "ttt.lr", self.lr, "must be > 0")
+        _check(self.grad_clip > 0, "ttt.grad_clip", self.grad_clip, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -209,10 +217,15 @@ class Eval:
     lpips_net: Literal["alex", "vgg"] = "alex"
     figures: int = 4
     collision_threshold: float = 0.5
+    batch: int = 8           # test videos per forward pass in infer (rollouts without TTT, baselines)
 
     def __post_init__(self):
         _check(self.context >= 2, "eval.context", self.context, "must be >= 2")
         _check(self.horizon >= 1, "eval.horizon", self.horizon, "must be >= 1")
+        _check(self.figures >= 0, "eval.figures", self.figures, "must be >= 0")
+        _check(0.0 <= self.collision_threshold <= 1.0, "eval.collision_threshold", self.collision_threshold,
+               "must be a probability in [0, 1]")
+        _check(self.batch >= 1, "eval.batch", self.batch, "must be >= 1")
 
 
 @dataclass(frozen=True)
