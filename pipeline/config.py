@@ -163,6 +163,7 @@ class Model:
 @dataclass(frozen=True)
 class Loss:
     latent: float = 1.0
+    frame: float = 1.0        # clip_lstm: pixel L1 of the predicted frame
     flow: float = 0.1
     occ: float = 0.1
     decode: float = 1.0
