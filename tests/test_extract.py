@@ -1,4 +1,5 @@
 """Extract: decode, resize, stride, HDF5 schema, and bad inputs named and skipped."""
+import dataclasses
 import json
 import re
 
@@ -28,11 +29,13 @@ def annotation(video_id: int, frames: int, collisions=(3,)) -> dict:
     return {
         "scene_index": video_id,
         "video_filename": f"video_{video_id:05d}.mp4",
-        "object_property": [{"object_id": 0, "color": "red", "material": "rubber", "shape": "cube"}],
+        "object_property": [{"object_id": 0, "color": "red", "material": "rubber", "shape": "cube"},
+                            {"object_id": 1, "color": "blue", "material": "metal", "shape": "sphere"}],
         "motion_trajectory": [
-            {"frame_id": t, "objects": [{"object_id": 0, "location": [0.1 * t, 0.0, 0.2],
+            {"frame_id": t, "objects": [{"object_id": i, "location": [0.1 * t, float(i), 0.2],
                                          "orientation": [0.0, 0.0, 0.0], "velocity": [0.1, 0.0, 0.0],
-                                         "angular_velocity": [0.0, 0.0, 0.0], "inside_camera_view": True}]}
+                                         "angular_velocity": [0.0, 0.0, 0.0], "inside_camera_view": True}
+                                        for i in (0, 1)]}
             for t in range(frames)],
         "collision": [{"object_ids": [0, 1], "frame_id": f, "location": [0.0, 0.0, 0.0]} for f in collisions],
     }
@@ -58,9 +61,11 @@ def clevrer_params():
                                                        "flow": {"backend": "dis"}}))
 
 
-def test_extract_schema(tmp_path, clevrer_params):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_extract_schema(tmp_path, clevrer_params, workers):
     raw = make_raw(tmp_path / "raw", clevrer_params)
-    report = extract(raw, tmp_path / "frames.h5", data=clevrer_params.data)
+    data = dataclasses.replace(clevrer_params.data, workers=workers)
+    report = extract(raw, tmp_path / "frames.h5", data=data)
     assert report["videos"] == {"train": 4, "val": 1, "test": 2} and report["bad_videos"] == 0
     with h5py.File(tmp_path / "frames.h5") as f:
         assert f.attrs["source"] == "clevrer" and list(f.attrs["resolution"]) == [32, 32]

@@ -1,6 +1,7 @@
 """Decode CLEVRER-layout videos, resize, subsample and stream them into frames.h5."""
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import time
@@ -100,7 +101,7 @@ def load_ground_truth(path: Path, *, native_frames: int) -> dict[str, np.ndarray
 
 
 def process_video(job: VideoJob) -> dict:
-    """Decode and prepare one video; returns arrays or an `error` naming the bad file."""
+    """Decode and check one video (no torch: runs in forked workers); returns arrays or an `error`."""
     native_needed = (job.frames - 1) * job.stride + 1
     try:
         video_file = layout.video_path(job.raw, job.clevrer_split, job.video_id)
@@ -111,7 +112,6 @@ def process_video(job: VideoJob) -> dict:
             raise VideoError(f"{video_file}: has {len(video)} frames, need {native_needed} "
                              f"(data.frames={job.frames}, data.stride={job.stride})")
         kept = np.arange(job.frames) * job.stride  # native frame ids kept
-        native_hw = video.shape[1:3]
         out = {"video": resize_frames(video[kept], job.resolution)}
         collision = np.zeros(job.frames, np.uint8)
         for frame_id in collision_frames(annotation):
@@ -124,26 +124,31 @@ def process_video(job: VideoJob) -> dict:
         if job.with_gt:
             gt_file = layout.gt_path(job.raw, job.clevrer_split, job.video_id)
             gt = load_ground_truth(gt_file, native_frames=native_needed)
+            if gt["fwd"].shape[-2:] != video.shape[1:3]:
+                raise GroundTruthError(f"{gt_file}: flow is {gt['fwd'].shape[-2:]}, video {video_file} is "
+                                       f"{video.shape[1:3]}")
             n_obj = min(gt["boxes"].shape[1], MAX_OBJECTS)
             boxes[:, :n_obj] = gt["boxes"][kept, :n_obj]
             box_mask[:, :n_obj] = gt["box_mask"][kept, :n_obj]
-            fwd, bwd, vis = compose_strided(gt["fwd"], gt["bwd"], gt["vis"].astype(np.float32), job.stride,
-                                            job.frames - 1)
-            if fwd.shape[-2:] != native_hw:
-                raise GroundTruthError(f"{gt_file}: flow is {fwd.shape[-2:]}, video {video_file} is {native_hw}")
-            size = tuple(job.resolution)
-            out["gt_fwd"] = resize_flow(torch.from_numpy(fwd), size).numpy().astype(np.float16)
-            out["gt_bwd"] = resize_flow(torch.from_numpy(bwd), size).numpy().astype(np.float16)
-            vis_small = np.stack([cv2.resize(v, (size[1], size[0]), interpolation=cv2.INTER_AREA) for v in vis])
-            out["gt_vis"] = np.clip(np.rint(vis_small * 255), 0, 255).astype(np.uint8)
+            out["native_gt"] = {k: gt[k][: native_needed - 1] for k in ("fwd", "bwd", "vis")}
         out.update(boxes=boxes, box_mask=box_mask)
         return {"ok": True, "split": job.split, "video_id": job.video_id, "arrays": out}
     except (VideoError, AnnotationError, GroundTruthError) as e:
         return {"ok": False, "split": job.split, "video_id": job.video_id, "error": str(e)}
 
 
+def ground_truth_at_resolution(native_gt: dict[str, np.ndarray], job: VideoJob) -> dict[str, np.ndarray]:
+    """Native consecutive-frame flow/visibility -> strided pairs at the stored resolution (vectors rescaled)."""
+    fwd, bwd, vis = compose_strided(native_gt["fwd"], native_gt["bwd"], native_gt["vis"].astype(np.float32),
+                                    job.stride, job.frames - 1)
+    size = tuple(job.resolution)
+    vis_small = np.stack([cv2.resize(v, (size[1], size[0]), interpolation=cv2.INTER_AREA) for v in vis])
+    return {"gt_fwd": resize_flow(torch.from_numpy(fwd), size).numpy().astype(np.float16),
+            "gt_bwd": resize_flow(torch.from_numpy(bwd), size).numpy().astype(np.float16),
+            "gt_vis": np.clip(np.rint(vis_small * 255), 0, 255).astype(np.uint8)}
+
+
 def _init_worker() -> None:
-    torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
 
@@ -177,16 +182,18 @@ def extract(raw: str | Path, out_h5: str | Path, *, data: Data) -> dict:
     start = time.perf_counter()
     bad: list[dict] = []
     counts: dict[str, int] = {}
-    ctx = mp.get_context("spawn")
-    with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f, \
-            ctx.Pool(data.workers, initializer=_init_worker) as pool, tqdm(total=total, desc="extract") as bar:
+    # workers only decode and resize (numpy, cv2, PyAV): forking them is safe and starts fast
+    pool = mp.get_context("fork").Pool(data.workers, initializer=_init_worker) if data.workers > 1 else None
+    results = pool.imap if pool else map
+    with pool or contextlib.nullcontext(), atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f, \
+            tqdm(total=total, desc="extract") as bar:
         f.attrs.update(source=data.source, resolution=list(data.resolution), stride=data.stride, frames=data.frames,
                        params_hash=params_hash(data), has_gt=with_gt, max_objects=MAX_OBJECTS)
         for split, split_jobs in jobs.items():
             group = f.create_group(split)
             _create_datasets(group, len(split_jobs), split_jobs[0])
             n = 0
-            for result in pool.imap(process_video, split_jobs):
+            for result, job in zip(results(process_video, split_jobs), split_jobs):
                 bar.update(1)
                 if not result["ok"]:
                     bad.append({k: result[k] for k in ("split", "video_id", "error")})
@@ -195,7 +202,10 @@ def extract(raw: str | Path, out_h5: str | Path, *, data: Data) -> dict:
                         raise ExtractError(f"{len(bad)} of {total} videos are bad, more than data.max_bad_fraction="
                                            f"{data.max_bad_fraction}; first: {bad[0]['error']}; last: {bad[-1]['error']}")
                     continue
-                for key, value in result["arrays"].items():
+                arrays = result["arrays"]
+                if job.with_gt:
+                    arrays.update(ground_truth_at_resolution(arrays.pop("native_gt"), job))
+                for key, value in arrays.items():
                     group[key][n] = value
                 group["video_index"][n] = result["video_id"]
                 n += 1
