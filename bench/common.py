@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 
 
 def machine() -> dict:
@@ -26,3 +29,31 @@ def save(name: str, result: dict) -> Path:
     payload = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **result}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def copy_project(dst: Path) -> None:
+    """Copy what a clone of the working tree holds (tracked + untracked-not-ignored), without reports."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.startswith(("reports/", "bench/results/")) or not (REPO / rel).exists():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+
+
+def set_params(params_file: Path, overrides: list[str]) -> None:
+    """Apply KEY=VALUE overrides (dotted keys, YAML values) to a params.yaml."""
+    import yaml
+    params = yaml.safe_load(params_file.read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(f"unknown param {key}")
+        node[leaf] = yaml.safe_load(value)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))

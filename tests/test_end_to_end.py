@@ -6,11 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params_dict
+from bench.common import copy_project
+from conftest import tiny_params_dict
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +32,6 @@ def run(cmd, cwd, env=None):
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w]+)'", output))
-
-
-def copy_project(dst):
-    """Copy the working tree's tracked and untracked-but-not-ignored files (what a clone would hold)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if rel.startswith(("reports/", "bench/results/")) or not (REPO / rel).exists():
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +80,42 @@ def test_exp_run_reruns_only_temporal_and_after(project, arch):
     assert all(f"Stage '{stage}' didn't change" in out for stage in UPSTREAM), out[-3000:]
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--md", "--no-pager"], root, env)
     assert arch in shown
+
+
+def test_queued_experiments_fan_out(project):
+    root, env = project
+    if not (root / "dvc.lock").exists():
+        pytest.skip("needs the default run first")
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "before queue", "--allow-empty"], root, env)
+    for lr in ("0.002", "0.0005"):
+        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", f"lr-{lr}"], root, env)
+    run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], root, env)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = run([sys.executable, "-m", "dvc", "queue", "status"], root, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--md", "--no-pager"], root, env)
+    assert "lr-0.002" in shown and "lr-0.0005" in shown, shown
+
+
+def test_push_pull_through_a_local_remote(project, tmp_path):
+    root, env = project
+    if not (root / "dvc.lock").exists():
+        pytest.skip("needs the default run first")
+    remote = tmp_path / "remote"
+    run([sys.executable, "-m", "dvc", "remote", "add", "-f", "-d", "localremote", str(remote)], root, env)
+    run([sys.executable, "-m", "dvc", "checkout", "-f"], root, env)
+    run([sys.executable, "-m", "dvc", "push"], root, env)
+    assert any(remote.rglob("*")), "nothing was pushed"
+    shutil.rmtree(root / ".dvc" / "cache")
+    for rel in ("data/frames.h5", "data/flow.h5", "models/temporal.pt"):
+        (root / rel).unlink()
+    shutil.rmtree(root / "data" / "raw")
+    run([sys.executable, "-m", "dvc", "pull"], root, env)
+    assert (root / "models/temporal.pt").is_file() and (root / "data/raw").is_dir()
+    status = run([sys.executable, "-m", "dvc", "status"], root, env)
+    assert "up to date" in status, status
