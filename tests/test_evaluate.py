@@ -206,3 +206,68 @@ def test_inference_settings_from_params(tiny_params):
     assert (s.context, s.horizon, s.ttt_steps) == (tiny_params.eval.context, tiny_params.eval.horizon,
                                                    tiny_params.ttt.steps)
     assert dataclasses.asdict(s)["ttt_grad_clip"] == tiny_params.ttt.grad_clip
+
+
+def test_pr_tiny_params_are_valid(tmp_path):
+    from pipeline.config import load_params
+    from pipeline.pr_report import TINY_PARAMS, apply_tiny
+
+    target = tmp_path / "params.yaml"
+    target.write_text((tests_repo() / "params.yaml").read_text())
+    assert apply_tiny(target) == []
+    params = load_params(target)
+    assert params.data.videos.test == TINY_PARAMS["data"]["videos"]["test"] and params.flow.backend == "dis"
+    # keys an older params.yaml lacks are skipped, not added (it would reject them)
+    old = tmp_path / "old.yaml"
+    old.write_text("eval:\n  context: 6\n")
+    skipped = apply_tiny(old)
+    assert "eval.batch" in skipped and "data" in skipped
+    assert yaml_load(old) == {"eval": {"context": 4}}
+
+
+def test_pr_report_markdown(tmp_path, monkeypatch):
+    import subprocess
+
+    from pipeline.pr_report import main
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: 'true'\n    params: [eval]\n"
+                                       "    metrics:\n      - reports/metrics.json:\n          cache: false\n")
+    (tmp_path / "reports").mkdir()
+    base = {"arch": "warp_occ", "model": {"psnr": 20.0, "ssim": 0.8, "lpips": None, "psnr_step1": 22.0,
+                                          "ssim_step1": 0.85},
+            "collision": {"ap": 0.5, "f1": 0.4}, "ttt_gain_psnr": 0.1}
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(base))
+    (tmp_path / "params.yaml").write_text("eval:\n  horizon: 10\n")
+    git("add", "-A")
+    git("commit", "-qm", "base")
+    head = json.loads(json.dumps(base))
+    head["model"]["psnr"] = 21.5
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(head))
+    (tmp_path / "params.yaml").write_text("eval:\n  horizon: 12\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "pr.md"
+    assert main(["--base", "main", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| model | 21.5000 (+1.5000) | 0.8000 |" in text
+    assert "eval.horizon" in text and "12" in text
+    assert "collision AP: 0.5000" in text
+    assert main(["--base", "no-such-rev", "--output", str(out)]) == 1
+
+
+def tests_repo():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
