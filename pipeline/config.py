@@ -101,6 +101,8 @@ class Synthetic:
     def __post_init__(self):
         _check(self.width >= 16 and self.height >= 16, "synthetic.width/height", (self.width, self.height),
                "must be >= 16")
+        _check(self.width % 2 == 0 and self.height % 2 == 0, "synthetic.width/height", (self.width, self.height),
+               "must be even (H.264 yuv420p)")
         _check(self.frames >= 2, "synthetic.frames", self.frames, "must be >= 2")
         _check(self.fps >= 1, "synthetic.fps", self.fps, "must be >= 1")
         _check(1 <= self.min_objects <= self.max_objects <= 10, "synthetic.min_objects/max_objects",
@@ -140,12 +142,43 @@ class VAE:
     steps: int = 2500
     batch: int = 32
     workers: int = 0
+    patch: int = 4            # pixel-unshuffle stem: convs start at H/patch; must divide downsample
+    res_blocks: int = 1       # residual blocks per resolution level
+    lr_warmup: int = 100      # linear LR warm-up steps, then cosine decay
+    clip_grad: float = 1.0    # max gradient norm; 0 disables clipping
+    ckpt_every: int = 250     # steps between resume checkpoints; 0 disables them
+    log_every: int = 10       # steps between logged training metrics
+    seed: int = 0
 
     def __post_init__(self):
         _check(self.downsample in (1, 2, 4, 8), "downsample", self.downsample, "valid: 1, 2, 4, 8")
+        _check(self.patch in (1, 2, 4, 8) and self.downsample % self.patch == 0, "patch", self.patch,
+               f"valid: 1, 2, 4, 8 and dividing downsample ({self.downsample})")
         _check(self.latent_channels >= 1, "latent_channels", self.latent_channels, "must be >= 1")
+        _check(self.hidden >= 1 and self.res_blocks >= 0, "hidden/res_blocks", (self.hidden, self.res_blocks),
+               "need hidden >= 1 and res_blocks >= 0")
         _check(self.steps >= 1 and self.batch >= 1, "steps/batch", (self.steps, self.batch), "must be >= 1")
         _check(self.beta >= 0, "beta", self.beta, "must be >= 0")
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.workers >= 0 and self.lr_warmup >= 0 and self.kl_warmup >= 0 and self.ckpt_every >= 0,
+               "workers/lr_warmup/kl_warmup/ckpt_every", (self.workers, self.lr_warmup, self.kl_warmup,
+                                                          self.ckpt_every), "must be >= 0")
+        _check(self.clip_grad >= 0, "clip_grad", self.clip_grad, "must be >= 0")
+        _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class FlowVAE(VAE):
+    """flow_vae section: the VAE knobs plus the fixed flow normalisation."""
+    latent_channels: int = 4
+    hidden: int = 32
+    kl_warmup: int = 200
+    steps: int = 800
+    flow_scale: float = 2.0   # pixels; the network sees flow / flow_scale
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.flow_scale > 0, "flow_vae.flow_scale", self.flow_scale, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -237,7 +270,7 @@ class Params:
     synthetic: Synthetic = field(default_factory=Synthetic)
     flow: Flow = field(default_factory=Flow)
     vae: VAE = field(default_factory=VAE)
-    flow_vae: VAE = field(default_factory=lambda: VAE(latent_channels=4, hidden=32, kl_warmup=200, steps=800))
+    flow_vae: FlowVAE = field(default_factory=FlowVAE)
     model: Model = field(default_factory=Model)
     loss: Loss = field(default_factory=Loss)
     train: Train = field(default_factory=Train)
