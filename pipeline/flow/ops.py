@@ -56,14 +56,20 @@ def warp(x: Tensor, flow: Tensor) -> Tensor:
 
 
 def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float = 0.5,
-              sharpness: float = 2.0) -> tuple[Tensor, Tensor]:
+              sharpness: float = 2.0, out_of_frame: bool = True) -> tuple[Tensor, Tensor]:
     """Forward-backward check (UnFlow) on frame t+1's grid -> (soft, hard) [*,1,H,W], 1 = visible in frame t.
 
     bwd [*,2,H,W] is the flow t+1 -> t on frame t+1's grid, fwd [*,2,H,W] the flow t -> t+1 on frame
     t's grid. With w_f' = fwd warped by bwd, a pixel is visible (hard = 1) where
     |bwd + w_f'|^2 < alpha1 * (|bwd|^2 + |w_f'|^2) + alpha2. With r = lhs / rhs, the soft score is
     1 / (1 + r^sharpness) = sigmoid(-sharpness * log r): 1 for a perfectly consistent pixel, 0.5
-    exactly on the threshold (so hard == soft > 0.5), -> 0 for inconsistent ones.
+    exactly on the threshold, -> 0 for inconsistent ones.
+
+    out_of_frame (default True): a pixel whose source x + bwd(x) lies outside frame t (beyond its
+    edge at -0.5 / W-0.5 px, the half-pixel convention of `resize_flow`) was not visible in frame t
+    either; the border-padded check cannot see that (objects entering the view), so it is also
+    marked occluded, with a 1 px soft ramp across the edge. soft = min(check, ramp), so always
+    hard == (soft > 0.5).
     """
     _check_flow(bwd, "bwd")
     _check_flow(fwd, "fwd")
@@ -79,9 +85,16 @@ def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float =
     lhs = (b + f).square().sum(dim=-3, keepdim=True)  # [*,1,H,W]
     rhs = alpha1 * (b.square().sum(dim=-3, keepdim=True) + f.square().sum(dim=-3, keepdim=True)) + alpha2
     ratio = lhs / rhs  # [*,1,H,W], < 1 where visible
-    hard = (ratio < 1.0).to(bwd.dtype)
-    soft = torch.reciprocal(1.0 + ratio.pow(sharpness)).to(bwd.dtype)
-    return soft, hard
+    hard = ratio < 1.0
+    soft = torch.reciprocal(1.0 + ratio.pow(sharpness))
+    if out_of_frame:
+        H, W = b.shape[-2:]
+        pos = base_grid(H, W, device=b.device, dtype=dtype) + b  # [*,2,H,W] source position in frame t
+        inside = torch.minimum(pos + 0.5, pos.new_tensor([W - 0.5, H - 0.5]).view(2, 1, 1) - pos)  # [*,2,H,W]
+        inside = inside.amin(dim=-3, keepdim=True)  # [*,1,H,W] signed distance to the frame edge, px
+        hard = hard & (inside > 0)
+        soft = torch.minimum(soft, (inside + 0.5).clamp(0.0, 1.0))
+    return soft.to(bwd.dtype), hard.to(bwd.dtype)
 
 
 def resize_flow(flow: Tensor, size: tuple[int, int], *, mode: str = "auto") -> Tensor:
