@@ -134,6 +134,8 @@ def summarize(scored: dict, *, collision_threshold: float, lpips_note: str | Non
     else:
         metrics["ttt_gain_psnr"] = None
         metrics["ttt_note"] = ttt.get("reason") or "no model_ttt predictions"
+    if ttt.get("warning"):
+        metrics["ttt_note"] = ttt["warning"]
     if lpips_note:
         metrics["lpips_note"] = lpips_note
     details["ttt"] = ttt

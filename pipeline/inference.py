@@ -12,6 +12,7 @@ predictions.h5 (written atomically):
     model/collision, model_ttt/collision      float32 [N,horizon] collision logits of the rollout
     model_ttt/ttt_loss_before, ttt_loss_after float32 [N] context loss before / after adaptation
     model_ttt/ttt_best_step, ttt_steps        int32 [N];  model_ttt/ttt_diverged uint8 [N]
+    model_ttt/ttt_grad_norm                   float32 [N] gradient norm of the first TTT step
     attrs: split, context, horizon, model_context, first_predicted_frame, arch, methods (JSON list),
            ttt (JSON: settings, enabled, supported, reason), timing (JSON: frames/s per method, seconds)
 Methods: `model`, `model_ttt` (when ttt.enabled and the arch supports it), `copy_last`, `flow_extrap`
@@ -239,19 +240,20 @@ def run_inference(*, model: nn.Module, vae: nn.Module, dataset, out_path: str | 
                     ttt_seconds += t1 - t0
                     seconds["model_ttt"] += t2 - t0
                     ttt_rows.append((stats.loss_before, stats.loss_after, stats.best_step, stats.steps,
-                                     stats.diverged))
+                                     stats.diverged, stats.grad_norm))
                 _store(dsets, "model_ttt", rows, {k: torch.cat([o[k] for o in outs]) for k in outs[0]})
             start += B
             log(f"infer: {start}/{N} videos")
 
         if trainer is not None:
-            before, after, best, steps, diverged = (np.array(c) for c in zip(*ttt_rows))
+            before, after, best, steps, diverged, grad_norm = (np.array(c) for c in zip(*ttt_rows))
             g = f["model_ttt"]
             g.create_dataset("ttt_loss_before", data=before.astype(np.float32))
             g.create_dataset("ttt_loss_after", data=after.astype(np.float32))
             g.create_dataset("ttt_best_step", data=best.astype(np.int32))
             g.create_dataset("ttt_steps", data=steps.astype(np.int32))
             g.create_dataset("ttt_diverged", data=diverged.astype(np.uint8))
+            g.create_dataset("ttt_grad_norm", data=grad_norm.astype(np.float32))
         frames_out = N * Hz
         timing = {f"fps_{m}": frames_out / s if s > 0 else None for m, s in seconds.items()}
         timing.update({f"seconds_{m}": s for m, s in seconds.items()})
@@ -263,7 +265,12 @@ def run_inference(*, model: nn.Module, vae: nn.Module, dataset, out_path: str | 
                     "num_parameters": trainer.num_parameters if trainer is not None else 0}
         if trainer is not None:
             ttt_info.update(loss_before_mean=_finite_mean(before), loss_after_mean=_finite_mean(after),
-                            diverged_videos=int(diverged.sum()), adapted_videos=int((best > 0).sum()))
+                            diverged_videos=int(diverged.sum()), adapted_videos=int((best > 0).sum()),
+                            grad_norm_mean=_finite_mean(grad_norm))
+            if settings.ttt_steps > 0 and not (grad_norm > 0).any():
+                ttt_info["warning"] = (f"ttt.loss={settings.ttt_loss} has zero gradient w.r.t. ttt.params="
+                                       f"{settings.ttt_params} on every video: TTT changed nothing")
+                log(f"infer: WARNING: {ttt_info['warning']}")
         f.attrs.update({"split": "test", "context": C, "horizon": Hz, "model_context": mc,
                         "first_predicted_frame": C, "arch": arch, "methods": json.dumps(methods),
                         "ttt": json.dumps(ttt_info), "timing": json.dumps(timing),

@@ -65,6 +65,7 @@ class TTTStats:
     best_step: int       # 0 = the trained weights were already the best
     steps: int           # optimisation steps actually taken
     diverged: bool       # a non-finite loss stopped the adaptation early
+    grad_norm: float     # gradient norm of the first step (0: the loss does not depend on the TTT params)
 
 
 class TestTimeTrainer:
@@ -129,6 +130,7 @@ class TestTimeTrainer:
             p.requires_grad_(True)
         opt = torch.optim.Adam(self.params, lr=self.lr)
         best, best_step, before, steps_taken, diverged = math.inf, 0, math.nan, 0, False
+        first_norm = 0.0
         best_weights = [p.detach().clone() for p in self.params]
         try:
             with torch.enable_grad():
@@ -149,6 +151,8 @@ class TestTimeTrainer:
                     for p, g in zip(self.params, grads):
                         p.grad = torch.zeros_like(p) if g is None else g
                     norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+                    if step == 0:
+                        first_norm = float(norm)
                     if not torch.isfinite(norm):
                         diverged = True
                         break
@@ -164,7 +168,7 @@ class TestTimeTrainer:
                 p.requires_grad_(flag)
             self.model.train(was_training)
         return TTTStats(loss_before=before, loss_after=best if math.isfinite(best) else before,
-                        best_step=best_step, steps=steps_taken, diverged=diverged)
+                        best_step=best_step, steps=steps_taken, diverged=diverged, grad_norm=first_norm)
 
     @contextlib.contextmanager
     def adapted(self, context: dict[str, Tensor]) -> Iterator[TTTStats]:

@@ -213,7 +213,7 @@ def test_pr_tiny_params_are_valid(tmp_path):
     from pipeline.pr_report import TINY_PARAMS, apply_tiny
 
     target = tmp_path / "params.yaml"
-    target.write_text((tests_repo() / "params.yaml").read_text())
+    target.write_text((repo_root() / "params.yaml").read_text())
     assert apply_tiny(target) == []
     params = load_params(target)
     assert params.data.videos.test == TINY_PARAMS["data"]["videos"]["test"] and params.flow.backend == "dis"
@@ -261,7 +261,7 @@ def test_pr_report_markdown(tmp_path, monkeypatch):
     assert main(["--base", "no-such-rev", "--output", str(out)]) == 1
 
 
-def tests_repo():
+def repo_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]

@@ -158,3 +158,13 @@ def test_ttt_rejects_foreign_parameters():
     model.ttt_parameters = lambda which: [stranger]
     with pytest.raises(ValueError, match="not parameters of the model"):
         TestTimeTrainer(model, steps=1, lr=1e-3)
+
+
+def test_ttt_reports_a_loss_that_ignores_the_adapted_params():
+    model = ToyTemporal()
+    model.ttt_loss = lambda batch, kind: (model.residual(batch["frames"][:, -1]) - batch["frames"][:, -1]).abs().mean()
+    trainer = TestTimeTrainer(model, steps=2, lr=1e-2, params="flow_head")
+    with trainer.adapted(context_slice(make_batch(B=1), 4)) as stats:
+        assert stats.grad_norm == 0.0 and stats.loss_after == stats.loss_before
+    with TestTimeTrainer(ToyTemporal(), steps=2, lr=1e-2).adapted(context_slice(make_batch(B=1), 4)) as stats:
+        assert stats.grad_norm > 0
