@@ -1,0 +1,23 @@
+"""Stage train_temporal: frames.h5, flow.h5, latents.h5, both VAEs -> models/temporal.pt, reports/temporal/."""
+import json
+
+from pipeline.config import load_params
+from pipeline.io import write_json
+from pipeline.temporal import train_temporal
+
+
+def main() -> None:
+    params = load_params()
+    report = train_temporal(params)
+    path = params.paths.report_dir("temporal") / "metrics.json"
+    logged = json.loads(path.read_text()) if path.is_file() else {}  # dvclive's summary of the last step
+    write_json(path, {**logged, **report})
+    gain = report.get("val_psnr_step1_gain")
+    print(f"train_temporal: {report['arch']} {report['steps']} steps in {report['train_seconds']} s, "
+          f"loss {report['loss'].get('total')}"
+          + (f", val 1-step PSNR {report['val_psnr_step1']} dB ({gain:+.2f} dB vs copy-last)" if gain is not None else "")
+          + f" -> {params.paths.temporal}")
+
+
+if __name__ == "__main__":
+    main()

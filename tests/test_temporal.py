@@ -1,0 +1,410 @@
+"""Temporal architectures (pipeline/models/temporal), their training stage and the encoder loading path."""
+from __future__ import annotations
+
+import copy
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline.checkpoint import load_model, make_checkpoint, save_checkpoint
+from pipeline.config import params_from_dict
+from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig
+from pipeline.models.temporal import ARCHS, build_temporal
+from pipeline.models.temporal.clip_lstm import hub_weights_path
+from pipeline.models.vae import VAE, VAEConfig
+from tests.conftest import tiny_params_dict
+
+ARCH_NAMES = ["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"]
+K = 3  # boxes per clip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on this shared 2-core machine two OpenMP threads are ~100x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- tiny scenes: squares moving at constant velocity, with their exact flow and visibility -----------
+
+def moving_squares(num_videos: int, frames: int, size: int, *, seed: int, objects: int = 2) -> dict[str, np.ndarray]:
+    """Videos uint8 [N,T,H,W,3] of coloured squares on grey, exact bwd/fwd flow [N,T-1,2,H,W], occ, boxes."""
+    rng = np.random.default_rng(seed)
+    N, T, S = num_videos, frames, size
+    video = np.full((N, T, S, S, 3), 90, np.uint8)
+    bwd = np.zeros((N, T - 1, 2, S, S), np.float32)
+    occ = np.ones((N, T - 1, S, S), np.float32)
+    boxes = np.zeros((N, T, K, 4), np.float32)
+    box_mask = np.zeros((N, T, K), np.uint8)
+    collision = np.zeros((N, T), np.uint8)
+    side = max(3, S // 6)
+    for n in range(N):
+        pos = rng.uniform(0, S - side, (objects, 2))
+        vel = rng.uniform(-1.5, 1.5, (objects, 2))
+        colour = rng.integers(120, 255, (objects, 3))
+        covered_prev = None
+        for t in range(T):
+            covered = np.zeros((S, S), bool)
+            for k in range(objects):
+                x0, y0 = np.round(pos[k]).astype(int)
+                video[n, t, y0:y0 + side, x0:x0 + side] = colour[k]
+                covered[y0:y0 + side, x0:x0 + side] = True
+                boxes[n, t, k] = [x0 / S, y0 / S, (x0 + side) / S, (y0 + side) / S]
+                box_mask[n, t, k] = 1
+                if t > 0:
+                    bwd[n, t - 1, :, y0:y0 + side, x0:x0 + side] = -vel[k][:, None, None]
+            if covered_prev is not None:
+                occ[n, t - 1] = np.where(covered_prev & ~covered, 0.0, 1.0)
+            covered_prev = covered
+            pos = pos + vel
+            bounce = (pos < 0) | (pos > S - side)
+            vel = np.where(bounce, -vel, vel)
+            if bounce.any():
+                collision[n, t] = 1
+            pos = np.clip(pos, 0, S - side)
+    return {"video": video, "bwd": bwd, "fwd": -bwd, "occ": occ, "boxes": boxes, "box_mask": box_mask,
+            "collision": collision}
+
+
+def tiny_vaes(params) -> tuple[VAE, FlowVAE]:
+    torch.manual_seed(0)
+    v, f = params.vae, params.flow_vae
+    vae = VAE(VAEConfig(latent_channels=v.latent_channels, hidden=v.hidden, downsample=v.downsample)).eval()
+    flow_vae = FlowVAE(FlowVAEConfig(latent_channels=f.latent_channels, hidden=f.hidden, downsample=f.downsample)).eval()
+    return vae, flow_vae
+
+
+@pytest.fixture
+def tiny_files(tmp_path):
+    """params (tiny, paths under tmp_path) with frames.h5, flow.h5, latents.h5 and both VAE checkpoints."""
+    raw = tiny_params_dict()
+    raw["paths"] = {k: str(tmp_path / v) for k, v in raw["paths"].items()}
+    raw["device"] = "cpu"
+    params = params_from_dict(raw)
+    vae, flow_vae = tiny_vaes(params)
+    save_checkpoint(params.paths.vae, make_checkpoint(kind="vae", model=vae, model_args=vae.config.to_dict()))
+    save_checkpoint(params.paths.flow_vae, make_checkpoint(kind="flow_vae", model=flow_vae,
+                                                           model_args=flow_vae.config.to_dict()))
+    size, T = params.data.resolution[0], params.data.frames
+    (tmp_path / "data").mkdir()
+    with h5py.File(params.paths.frames, "w") as fr, h5py.File(params.paths.flow, "w") as fl, \
+            h5py.File(params.paths.latents, "w") as la:
+        for i, (split, n) in enumerate(params.data.splits.items()):
+            s = moving_squares(n, T, size, seed=i)
+            g = fr.create_group(split)
+            for key in ("video", "collision", "boxes", "box_mask"):
+                g.create_dataset(key, data=s[key])
+            g.create_dataset("video_index", data=np.arange(n))
+            g = fl.create_group(split)
+            g.create_dataset("bwd", data=s["bwd"].astype(np.float16))
+            g.create_dataset("fwd", data=s["fwd"].astype(np.float16))
+            g.create_dataset("occ", data=(s["occ"] * 255).astype(np.uint8))
+            with torch.no_grad():
+                x = torch.from_numpy(s["video"]).permute(0, 1, 4, 2, 3).float().div(255).flatten(0, 1)
+                z = vae.encode(x)[0].view(n, T, *vae.latent_shape(size, size))
+                zf = flow_vae.encode(torch.from_numpy(s["bwd"]).flatten(0, 1))[0]
+            g = la.create_group(split)
+            g.create_dataset("z", data=z.numpy())
+            g.create_dataset("zf", data=zf.view(n, T - 1, *zf.shape[1:]).numpy())
+    return params
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+def make_batch(params, batch: int = 2, length: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A clip batch as ClipDataset yields it (moving squares, latents from the tiny untrained VAEs)."""
+    length = length or params.model.context + params.train.rollout
+    size = params.data.resolution[0]
+    s = moving_squares(batch, length, size, seed=seed)
+    vae, flow_vae = tiny_vaes(params)
+    frames = torch.from_numpy(s["video"]).permute(0, 1, 4, 2, 3).float().div(255)
+    with torch.no_grad():
+        z = vae.encode(frames.flatten(0, 1))[0]
+        zf = flow_vae.encode(torch.from_numpy(s["bwd"]).flatten(0, 1))[0]
+    return {"frames": frames, "collision": torch.from_numpy(s["collision"]).float(),
+            "boxes": torch.from_numpy(s["boxes"]), "box_mask": torch.from_numpy(s["box_mask"]).float(),
+            "flow_bwd": torch.from_numpy(s["bwd"]), "flow_fwd": torch.from_numpy(s["fwd"]),
+            "occ": torch.from_numpy(s["occ"])[:, :, None],
+            "z": z.view(batch, length, *z.shape[1:]), "zf": zf.view(batch, length - 1, *zf.shape[1:])}
+
+
+def make_model(params, arch: str, **model_over):
+    vae, flow_vae = tiny_vaes(params)
+    model_cfg = {**params.model.__dict__, "arch": arch, "encoder": "cnn", **model_over}
+    torch.manual_seed(1)
+    return build_temporal(arch, model=model_cfg, loss=params.loss, frame_size=tuple(params.data.resolution),
+                          num_boxes=K, vae=vae, flow_vae=flow_vae)
+
+
+def context_only(batch, c):
+    """The first c frames of a batch and what lies between them."""
+    pairs = ("flow_bwd", "flow_fwd", "occ", "zf")
+    return {k: (v[:, :c - 1] if k in pairs else v[:, :c]) for k, v in batch.items() if v.dim() >= 2}
+
+
+# ---- registry --------------------------------------------------------------------------------------------
+
+def test_registry_has_the_five_archs():
+    assert sorted(ARCHS) == sorted(ARCH_NAMES)
+
+
+def test_unknown_arch_lists_the_five(tiny_params):
+    with pytest.raises(ValueError) as err:
+        build_temporal("transformerxl", model=tiny_params.model, loss=tiny_params.loss, frame_size=(32, 32),
+                       num_boxes=K)
+    for name in ARCH_NAMES:
+        assert name in str(err.value)
+
+
+def test_latent_archs_need_their_vaes(tiny_params):
+    vae, _ = tiny_vaes(tiny_params)
+    with pytest.raises(ValueError, match="frame VAE"):
+        build_temporal("warp_occ", model=tiny_params.model, loss=tiny_params.loss, frame_size=(32, 32), num_boxes=K)
+    with pytest.raises(ValueError, match="flow VAE"):
+        build_temporal("dual_vae", model=tiny_params.model, loss=tiny_params.loss, frame_size=(32, 32),
+                       num_boxes=K, vae=vae)
+
+
+# ---- per arch: forward / loss / rollout / TTT contract -----------------------------------------------------
+
+EXPECTED_TERMS = {
+    "clip_lstm": {"frame", "flow", "residual", "collision", "state"},
+    "latent": {"latent", "collision", "state"},
+    "latent_flow": {"latent", "flow", "collision", "state"},
+    "warp_occ": {"latent", "flow", "occ", "decode", "residual", "collision", "state"},
+    "dual_vae": {"latent", "motion_latent", "appearance", "motion", "collision", "state"},
+}
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_forward_backward_finite_and_shapes(tiny_params, arch):
+    p = tiny_params
+    model = make_model(p, arch)
+    batch = make_batch(p)
+    B, c, R = 2, p.model.context, p.train.rollout
+    H, W = p.data.resolution
+    C, h, w = p.vae.latent_channels, H // p.vae.downsample, W // p.vae.downsample
+    out = model(batch)
+    n = c + R - 1 if arch == "clip_lstm" else R  # clip_lstm predicts every frame after the first
+    expected = {
+        "clip_lstm": {"frame": (B, n, 3, H, W), "warped": (B, n, 3, H, W), "residual": (B, n, 3, H, W),
+                      "flow": (B, n, 2, H, W)},
+        "latent": {"z": (B, n, C, h, w)},
+        "latent_flow": {"z": (B, n, C, h, w), "flow": (B, n, 2, h, w)},
+        "warp_occ": {"z": (B, n, C, h, w), "z_warp": (B, n, C, h, w), "residual": (B, n, C, h, w),
+                     "flow": (B, n, 2, h, w), "occ_logit": (B, n, 1, h, w)},
+        "dual_vae": {"z": (B, n, C, h, w), "zf": (B, n, p.flow_vae.latent_channels, h, w)},
+    }[arch]
+    expected.update({"collision": (B, n), "boxes": (B, n, K, 4)})
+    for key, shape in expected.items():
+        assert tuple(out[key].shape) == shape, key
+    terms = model.loss(batch, out)
+    assert set(terms) == EXPECTED_TERMS[arch] | {"total"}
+    assert all(torch.isfinite(v) for v in terms.values())
+    weights = {name: getattr(p.loss, "latent" if name == "motion_latent" else name) for name in EXPECTED_TERMS[arch]}
+    assert terms["total"].item() == pytest.approx(sum(weights[k] * terms[k].item() for k in weights), rel=1e-5)
+    terms["total"].backward()
+    grads = [q.grad for q in model.trainable_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
+    assert sum(g is not None for g in grads) > 0.9 * len(grads)
+    for sub in model.frozen_modules():  # the VAEs stay frozen
+        assert all(q.grad is None and not q.requires_grad for q in sub.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_rollout_reads_only_the_context(tiny_params, arch):
+    p = tiny_params
+    model = make_model(p, arch).eval()
+    c = p.model.context
+    batch = make_batch(p, length=c + 3)
+    H, W = p.data.resolution
+    with torch.no_grad():
+        out = model.rollout(context_only(batch, c), 4)
+        assert tuple(out["frames"].shape) == (2, 4, 3, H, W)
+        assert tuple(out["collision"].shape) == (2, 4)
+        assert out["frames"].min() >= 0 and out["frames"].max() <= 1
+        # a longer context batch: only its last `context` frames matter
+        longer = context_only(batch, c + 2)
+        tampered = {k: v.clone() for k, v in longer.items()}
+        tampered["frames"][:, 0] = 1.0 - tampered["frames"][:, 0]
+        tampered["z"][:, 0] += 5.0
+        a = model.rollout(longer, 2)["frames"]
+        b = model.rollout(tampered, 2)["frames"]
+        assert torch.allclose(a, b)
+        # without latents in the batch, the latent archs encode the frames themselves
+        if "z" in longer and arch != "clip_lstm":
+            no_z = {k: v for k, v in longer.items() if k not in ("z", "zf")}
+            assert torch.allclose(model.rollout(no_z, 2)["frames"], a, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_ttt_api(tiny_params, arch):
+    p = tiny_params
+    model = make_model(p, arch)
+    c = p.model.context
+    ctx = context_only(make_batch(p, length=c + 2), c + 1)
+    head = model.ttt_parameters("flow_head")
+    if arch in ("latent", "latent_flow"):
+        assert head is None  # no flow head in the prediction path
+    else:
+        assert head and all(any(q is h for q in model.parameters()) for h in head)
+    everything = model.ttt_parameters("all")
+    assert len(everything) == len(model.trainable_parameters()) > len(head or [])
+    with pytest.raises(ValueError, match="flow_head"):
+        model.ttt_parameters("decoder")
+    kinds = ["full"] if arch == "latent" else ["warp", "full"]
+    for kind in kinds:
+        loss = model.ttt_loss(ctx, kind)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert any(q.grad is not None for q in everything)
+        model.zero_grad()
+    if arch == "latent":
+        with pytest.raises(ValueError, match="full"):
+            model.ttt_loss(ctx, "warp")
+    # the loss is a function of the context it is given, nothing else
+    assert torch.equal(model.ttt_loss(ctx, "full"), model.ttt_loss({k: v.clone() for k, v in ctx.items()}, "full"))
+    # the flow head moves the warp loss (where there is one in the prediction path)
+    if head:
+        before = model.ttt_loss(ctx, "warp").item()
+        with torch.no_grad():
+            head[-2].add_(0.5 * torch.randn_like(head[-2]))  # the zero-initialised last conv
+        assert model.ttt_loss(ctx, "warp").item() != pytest.approx(before, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_a_few_steps_lower_the_loss(tiny_params, arch):
+    p = tiny_params
+    model = make_model(p, arch)
+    batch = make_batch(p, batch=4, seed=3)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        terms = model.loss(batch, model(batch))
+        opt.zero_grad()
+        terms["total"].backward()
+        opt.step()
+        losses.append(terms["total"].item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_checkpoint_round_trip(tiny_params, arch, tmp_path):
+    p = tiny_params
+    model = make_model(p, arch).eval()
+    with torch.no_grad():  # move every weight away from its initial value
+        for q in model.trainable_parameters():
+            q.add_(0.01 * torch.randn_like(q))
+    path = tmp_path / "temporal.pt"
+    save_checkpoint(path, make_checkpoint(kind="temporal", model=model, model_args=model.model_args(), arch=arch))
+    loaded = load_model(path, "temporal")
+    assert type(loaded) is type(model) and loaded.arch == arch
+    ctx = context_only(make_batch(p, length=p.model.context + 1), p.model.context)
+    with torch.no_grad():
+        assert torch.allclose(loaded.rollout(ctx, 2)["frames"], model.rollout(ctx, 2)["frames"], atol=1e-6)
+    ckpt = torch.load(path, weights_only=True)
+    assert json.dumps(ckpt["model_args"])  # plain values only
+
+
+def test_warp_occ_starts_as_copy_last(tiny_params):
+    p = tiny_params
+    model = make_model(p, "warp_occ")
+    batch = make_batch(p)
+    out = model(batch)
+    assert out["flow"].abs().max() == 0 and out["residual"].abs().max() == 0
+    assert torch.sigmoid(out["occ_logit"]).min() > 0.98
+    c = p.model.context
+    assert torch.allclose(out["z_warp"][:, 0], batch["z"][:, c - 1], atol=1e-5)
+
+
+def test_warp_occ_uses_the_literal_composition(tiny_params):
+    p = tiny_params
+    model = make_model(p, "warp_occ")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for q in model.parameters():
+            if q.requires_grad:
+                q.add_(0.05 * torch.randn_like(q))
+    window = make_batch(p)["z"][:, :p.model.context]
+    o = model.step(window)
+    assert torch.allclose(o["z"], o["z_warp"] * torch.sigmoid(o["occ_logit"]) + o["residual"], atol=1e-6)
+
+
+def test_dual_vae_needs_two_context_frames(tiny_params):
+    with pytest.raises(ValueError, match="context >= 2"):
+        make_model(tiny_params, "dual_vae", context=1)
+
+
+def test_bad_batches_give_clear_errors(tiny_params):
+    model = make_model(tiny_params, "warp_occ")
+    batch = make_batch(tiny_params)
+    with pytest.raises(KeyError, match="flow_bwd"):
+        model.loss({k: v for k, v in batch.items() if k != "flow_bwd"}, model(batch))
+    with pytest.raises(ValueError, match="needs >= 3"):
+        model(context_only(batch, 2))
+    with pytest.raises(ValueError, match=r"\[B,T,3,32,32\]"):
+        model.rollout({"frames": torch.rand(2, 3, 3, 16, 16)}, 1)
+
+
+# ---- clip_lstm encoder: real hub loading path with a locally made weights file -------------------------------
+
+def test_clip_lstm_loads_resnet_weights_from_the_hub_cache(tiny_params, tmp_path, monkeypatch):
+    from torchvision.models import resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    p = tiny_params
+    path = hub_weights_path("resnet18")
+    assert str(path).startswith(str(tmp_path))
+    # no file: explicit, recorded fallback to the trainable CNN
+    model = make_model(p, "clip_lstm", encoder="resnet18")
+    info = model.encoder_info
+    assert info["used"] == "cnn" and not info["pretrained"] and "not found" in info["reason"]
+    assert model.model_args()["model"]["encoder"] == "cnn"
+    # a weights file in the cache: loaded through torchvision's hub path (no network)
+    torch.manual_seed(5)
+    reference = resnet18(weights=None)
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    model = make_model(p, "clip_lstm", encoder="resnet18")
+    assert model.encoder_info["used"] == "resnet18" and model.encoder_info["pretrained"]
+    assert torch.equal(model.encoder.backbone.layer2[0].conv1.weight, reference.layer2[0].conv1.weight)
+    args = model.model_args()
+    assert args["model"]["encoder"] == "resnet18" and args["load_pretrained"] is False
+    out = model(make_batch(p))
+    assert torch.isfinite(model.loss(make_batch(p), out)["total"])
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["warp_occ", "clip_lstm"])
+def test_train_temporal_stage(tiny_files, arch, tmp_path):
+    from pipeline.temporal import evaluate_psnr, train_temporal
+    from pipeline.data.datasets import ClipDataset
+
+    params = tiny_files
+    raw = copy.deepcopy(tiny_params_dict())
+    raw["paths"] = {k: getattr(params.paths, k) for k in raw["paths"]}
+    raw["device"] = "cpu"
+    raw["model"]["arch"] = arch
+    raw["model"]["encoder"] = "cnn"
+    params = params_from_dict(raw)
+    report = train_temporal(params)
+    assert report["arch"] == arch and report["steps"] == params.train.steps
+    assert set(report["loss"]) >= EXPECTED_TERMS[arch] | {"total"}
+    assert report["val_psnr_step1"] is not None and report["val_psnr_step1_copy_last"] is not None
+    if arch == "clip_lstm":
+        assert report["encoder"]["used"] == "cnn"
+    model = load_model(params.paths.temporal, "temporal")
+    assert model.arch == arch
+    metrics = json.loads((params.paths.report_dir("temporal") / "metrics.json").read_text())
+    assert "train" in metrics  # dvclive summary of the logged terms
+    test = ClipDataset(params.paths.frames, "test", params.model.context + 3, flow_h5=params.paths.flow,
+                       latents_h5=params.paths.latents)
+    scores = evaluate_psnr(model, test, context=params.model.context, horizon=3)
+    assert len(scores["model"]) == 3 and scores["clips"] == len(test)
+    assert all(np.isfinite(scores["model"]))
