@@ -10,7 +10,11 @@ outside the view and slide in.
 World frame: z up, the floor is z = 0, lengths in scene units (CLEVRER's). Image frame: pixel
 (x=j, y=i) is the centre of column j, row i, so flow in pixels matches `pipeline.flow.ops.warp`.
 Everything is a pure function of (data.seed, video id): same seed -> byte-identical JSON and npz
-files and identical decoded frames.
+files and identical decoded frames, whatever data.workers is.
+
+Ground truth is exact at pixel centres: each pixel's surface point is kept in its object's frame,
+moved with the object's rigid pose and re-projected (fwd/bwd); visibility casts a ray to the moved
+point. Frames are point-sampled (no anti-aliasing; extract's area downsampling smooths edges).
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from pipeline.data.layout import annotation_path, gt_path, split_ids, video_path
 from pipeline.data.video import encode_video
 from pipeline.io import atomic_path
 
-__all__ = ["render_dataset", "render_video", "simulate", "Camera", "COLORS", "SHAPES", "MATERIALS"]
+__all__ = ["render_dataset", "render_video", "sample_scene", "simulate", "save_npz", "Camera", "Renderer", "Scene",
+           "COLORS", "SHAPES", "MATERIALS"]
 
 # CLEVR's palette (sRGB, 0..255), the one CLEVRER uses.
 COLORS = {"gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
@@ -360,7 +365,6 @@ class Frame:
     image: np.ndarray   # [H,W,3] float in [0,1]
     obj: np.ndarray     # [H,W] int, -1 floor, else object index
     local: np.ndarray   # [H,W,3] hit point in the object's local frame (floor: world point)
-    rects: list         # per object: its screen rectangle or None
 
 
 class Renderer:
@@ -419,8 +423,8 @@ class Renderer:
         n_s = len(LIGHT_SAMPLES)
         depth = self.t_floor.copy()
         obj = np.full((h, w), -1, dtype=np.int16)
-        rects = [self.screen_rect(t, i) for i in range(k)]
-        for i, rect in enumerate(rects):  # primary rays, only inside each object's screen rectangle
+        for i in range(k):  # primary rays, only inside each object's screen rectangle
+            rect = self.screen_rect(t, i)
             if rect is None:
                 continue
             y0, y1, x0, x1 = rect
@@ -473,7 +477,7 @@ class Renderer:
         if len(on_obj):
             image[on_obj] = self._shade_objects(flat_obj[on_obj], nrm, self.dirs.reshape(-1, 3)[on_obj],
                                                 ldir[:, on_obj], diffuse[on_obj], lit[:, on_obj].mean(0))
-        return Frame(np.clip(image, 0.0, 1.0).reshape(h, w, 3), obj, local.reshape(h, w, 3), rects)
+        return Frame(np.clip(image, 0.0, 1.0).reshape(h, w, 3), obj, local.reshape(h, w, 3))
 
     def _shade_objects(self, ids, nrm, dirs, ldir, diffuse, shadow) -> np.ndarray:
         """Colours [n,3] of object pixels: rubber = Lambert + faint gloss; metal = highlight + reflection."""
