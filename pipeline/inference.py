@@ -38,7 +38,7 @@ from pipeline.io import atomic_path
 from pipeline.ttt import TestTimeTrainer, clip_slice, context_slice
 
 __all__ = ["METHODS", "InferenceSettings", "to_uint8", "copy_last", "flow_extrapolation",
-           "vae_reconstruction", "predict_model", "run_inference"]
+           "vae_reconstruction", "rollout_model", "step1_model", "predict_model", "run_inference", "infer"]
 
 METHODS = ("model", "model_ttt", "copy_last", "flow_extrap", "vae_ceiling")
 
@@ -108,24 +108,34 @@ def vae_reconstruction(vae: nn.Module, frames: Tensor) -> Tensor:
     return vae.decode(mu).view(B, T, *frames.shape[2:]).clamp(0, 1)
 
 
-def predict_model(model: nn.Module, batch: dict[str, Tensor], *, context: int, model_context: int,
+def rollout_model(model: nn.Module, batch: dict[str, Tensor], *, context: int, model_context: int,
                   horizon: int) -> dict[str, Tensor]:
-    """Rollout from the context and 1-step predictions with real history, for one batch of clips.
+    """Rollout of `horizon` frames from the `model_context` frames ending at frame context-1.
 
-    Returns rollout [B,horizon,3,H,W], collision [B,horizon] (logits), step1 [B,horizon,3,H,W]. The rollout
-    call receives only the `model_context` frames ending at frame context-1; the 1-step call for target
-    frame context+t only the `model_context` real frames before it.
+    Returns rollout [B,horizon,3,H,W] and collision [B,horizon] (logits).
     """
-    ctx = clip_slice(batch, context - model_context, context)
-    out = model.rollout(ctx, horizon)
+    out = model.rollout(clip_slice(batch, context - model_context, context), horizon)
     rollout, collision = out["frames"], out["collision"]  # [B,Hz,3,H,W], [B,Hz]
     B = batch["frames"].shape[0]
     if rollout.shape[:2] != (B, horizon) or collision.shape != (B, horizon):
         raise ValueError(f"{type(model).__name__}.rollout returned frames {tuple(rollout.shape)} and collision "
                          f"{tuple(collision.shape)}, expected [{B},{horizon},3,H,W] and [{B},{horizon}]")
+    return {"rollout": rollout, "collision": collision}
+
+
+def step1_model(model: nn.Module, batch: dict[str, Tensor], *, context: int, model_context: int,
+                horizon: int) -> Tensor:
+    """1-step predictions with real history [B,horizon,3,H,W]: frame context+t from the real frames before it."""
     step1 = [model.rollout(clip_slice(batch, context + t - model_context, context + t), 1)["frames"][:, 0]
              for t in range(horizon)]
-    return {"rollout": rollout, "collision": collision, "step1": torch.stack(step1, dim=1)}
+    return torch.stack(step1, dim=1)
+
+
+def predict_model(model: nn.Module, batch: dict[str, Tensor], *, context: int, model_context: int,
+                  horizon: int) -> dict[str, Tensor]:
+    """rollout_model and step1_model together: {'rollout', 'collision', 'step1'}."""
+    kw = dict(context=context, model_context=model_context, horizon=horizon)
+    return {**rollout_model(model, batch, **kw), "step1": step1_model(model, batch, **kw)}
 
 
 def _sync(device: torch.device) -> None:
@@ -182,7 +192,7 @@ def run_inference(*, model: nn.Module, vae: nn.Module, dataset, out_path: str | 
                                                                           "vae_ceiling"]
     if ttt_reason:
         log(f"infer: TTT skipped: {ttt_reason}")
-    seconds = {m: 0.0 for m in methods}
+    seconds = {m: 0.0 for m in methods + ["model_step1"]}
     ttt_seconds = 0.0
     ttt_rows: list[tuple] = []
     loader = DataLoader(dataset, batch_size=settings.batch, shuffle=False, num_workers=0)
@@ -215,7 +225,9 @@ def run_inference(*, model: nn.Module, vae: nn.Module, dataset, out_path: str | 
                 seconds[method] += time.perf_counter() - t0
                 return result
 
-            pred = timed("model", lambda: predict_model(model, batch, context=C, model_context=mc, horizon=Hz))
+            kw = dict(context=C, model_context=mc, horizon=Hz)
+            pred = timed("model", lambda: rollout_model(model, batch, **kw))
+            pred["step1"] = timed("model_step1", lambda: step1_model(model, batch, **kw))
             _store(dsets, "model", rows, pred)
             cl = timed("copy_last", lambda: copy_last(frames, context=C, horizon=Hz))
             _store(dsets, "copy_last", rows, {"rollout": cl[0], "step1": cl[1]})
@@ -234,11 +246,14 @@ def run_inference(*, model: nn.Module, vae: nn.Module, dataset, out_path: str | 
                         _sync(device)
                         t1 = time.perf_counter()
                         with torch.no_grad():
-                            outs.append(predict_model(model, one, context=C, model_context=mc, horizon=Hz))
+                            out = rollout_model(model, one, **kw)
                         _sync(device)
                         t2 = time.perf_counter()
+                        with torch.no_grad():
+                            out["step1"] = step1_model(model, one, **kw)
+                        outs.append(out)
                     ttt_seconds += t1 - t0
-                    seconds["model_ttt"] += t2 - t0
+                    seconds["model_ttt"] += t2 - t0  # adaptation + rollout
                     ttt_rows.append((stats.loss_before, stats.loss_after, stats.best_step, stats.steps,
                                      stats.diverged, stats.grad_norm))
                 _store(dsets, "model_ttt", rows, {k: torch.cat([o[k] for o in outs]) for k in outs[0]})
@@ -254,6 +269,7 @@ def run_inference(*, model: nn.Module, vae: nn.Module, dataset, out_path: str | 
             g.create_dataset("ttt_steps", data=steps.astype(np.int32))
             g.create_dataset("ttt_diverged", data=diverged.astype(np.uint8))
             g.create_dataset("ttt_grad_norm", data=grad_norm.astype(np.float32))
+        # frames/s of the rollout (model_ttt: adaptation included; model_step1: the horizon 1-step predictions)
         frames_out = N * Hz
         timing = {f"fps_{m}": frames_out / s if s > 0 else None for m, s in seconds.items()}
         timing.update({f"seconds_{m}": s for m, s in seconds.items()})
