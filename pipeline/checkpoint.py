@@ -135,9 +135,9 @@ def build_model(kind: str, model_args: dict, arch: str | None = None) -> nn.Modu
     return BUILDERS[kind](dict(model_args), arch)
 
 
-def load_model(path: str | Path, kind: str, *, map_location: Any = "cpu") -> nn.Module:
-    """Rebuild the model stored in a checkpoint from its own args, load its weights, eval mode."""
-    ckpt = load_checkpoint(path, kind=kind, map_location=map_location)
+def model_from_checkpoint(ckpt: dict, kind: str, *, path: str | Path = "<checkpoint>",
+                          map_location: Any = "cpu") -> nn.Module:
+    """Rebuild the model of a loaded checkpoint dict from its own args and weights, in eval mode."""
     try:
         model = build_model(kind, ckpt["model_args"], ckpt.get("arch"))
     except (TypeError, ValueError) as e:
@@ -147,3 +147,9 @@ def load_model(path: str | Path, kind: str, *, map_location: Any = "cpu") -> nn.
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the {kind} model built from its args: {e}") from None
     return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def load_model(path: str | Path, kind: str, *, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild the model stored in a checkpoint from its own args, load its weights, eval mode."""
+    ckpt = load_checkpoint(path, kind=kind, map_location=map_location)
+    return model_from_checkpoint(ckpt, kind, path=path, map_location=map_location)

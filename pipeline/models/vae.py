@@ -22,6 +22,7 @@ class VAEConfig:
     latent_channels: int = 8
     hidden: int = 64          # channels at the latent resolution; halved at each finer level
     downsample: int = 4       # latent is [latent_channels, H/downsample, W/downsample]; a power of 2
+    patch: int = 4            # pixel-(un)shuffle stem: the convs start at H/patch (cheap on CPU); divides downsample
     res_blocks: int = 1       # residual blocks per resolution level (encoder and decoder)
     min_channels: int = 16    # floor for the finer levels' channel count
     output: str = "sigmoid"   # sigmoid (frames in [0,1]) | linear (flow, any real value)
@@ -32,6 +33,8 @@ class VAEConfig:
         for name in ("in_channels", "latent_channels", "hidden", "min_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.patch < 1 or self.patch & (self.patch - 1) or self.downsample % self.patch:
+            raise ValueError(f"VAEConfig.patch must be a power of 2 dividing downsample={self.downsample}, got {self.patch}")
         if self.res_blocks < 0:
             raise ValueError(f"VAEConfig.res_blocks must be >= 0, got {self.res_blocks}")
         if self.output not in ("sigmoid", "linear"):
@@ -39,11 +42,11 @@ class VAEConfig:
 
     @property
     def levels(self) -> int:
-        """Number of stride-2 stages: log2(downsample)."""
-        return int(math.log2(self.downsample))
+        """Number of stride-2 conv stages after the pixel-unshuffle stem: log2(downsample / patch)."""
+        return int(math.log2(self.downsample // self.patch))
 
     def channels(self) -> list[int]:
-        """Channel count per level, finest (full resolution) first, latent resolution last."""
+        """Channel count per conv level, finest (H/patch) first, latent resolution last."""
         return [max(self.hidden >> (self.levels - i), min(self.min_channels, self.hidden))
                 for i in range(self.levels + 1)]
 
@@ -65,6 +68,8 @@ class ResBlock(nn.Module):
         self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as its skip path: faster, stabler early training
+        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -78,7 +83,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch = cfg.channels()
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.stem = nn.PixelUnshuffle(cfg.patch) if cfg.patch > 1 else nn.Identity()
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch ** 2, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i in range(cfg.levels):
             layers += [ResBlock(ch[i], ch[i]) for _ in range(cfg.res_blocks)]
@@ -89,7 +95,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(self.conv_in(x))
+        h = self.body(self.conv_in(self.stem(x)))
         mu, logvar = self.conv_out(F.silu(self.norm_out(h))).chunk(2, dim=1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
@@ -107,10 +113,11 @@ class Decoder(nn.Module):
             layers += [ResBlock(ch[i], ch[i]) for _ in range(cfg.res_blocks)]
         self.body = nn.Sequential(*layers)
         self.norm_out = _norm(ch[0])
-        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], cfg.in_channels * cfg.patch ** 2, 3, padding=1)
+        self.unstem = nn.PixelShuffle(cfg.patch) if cfg.patch > 1 else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))
+        return self.unstem(self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z))))))
 
 
 class VAE(nn.Module):
