@@ -187,6 +187,7 @@ class Model:
     hidden: int = 64
     context: int = 4
     encoder: Literal["resnet18", "vit_b_16", "cnn"] = "resnet18"
+    decode: Literal["delta", "direct"] = "delta"  # latent archs' frames: last frame + D(z_hat) - D(z_last), or D(z_hat)
 
     def __post_init__(self):
         _check(self.hidden >= 1, "model.hidden", self.hidden, "must be >= 1")

@@ -99,7 +99,8 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
     checkpoint = Path(checkpoint or p.paths.temporal)
     report_dir = Path(report_dir or p.paths.report_dir("temporal"))
     length = p.model.context + p.train.rollout
-    dataset = ClipDataset(p.paths.frames, "train", length, flow_h5=p.paths.flow, latents_h5=p.paths.latents)
+    latents = p.paths.latents if arch in NEEDS_VAE else None  # clip_lstm works on frames alone
+    dataset = ClipDataset(p.paths.frames, "train", length, flow_h5=p.paths.flow, latents_h5=latents)
     seed_everything(p.train.seed)
     vae, flow_vae = load_vaes(p, arch)
     model = build_temporal(arch, model=p.model, loss=p.loss, frame_size=tuple(p.data.resolution),
@@ -125,7 +126,7 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
     if encoder is not None:
         report["encoder"] = encoder
     if "val" in p.data.splits:
-        val = ClipDataset(p.paths.frames, "val", p.model.context + 1, flow_h5=p.paths.flow, latents_h5=p.paths.latents)
+        val = ClipDataset(p.paths.frames, "val", p.model.context + 1, flow_h5=p.paths.flow, latents_h5=latents)
         scores = evaluate_psnr(trained, val, context=p.model.context, horizon=1, max_clips=256, device=device)
         report["val_psnr_step1"] = round(scores["model"][0], 3)
         report["val_psnr_step1_copy_last"] = round(scores["copy_last"][0], 3)

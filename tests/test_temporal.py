@@ -408,3 +408,18 @@ def test_train_temporal_stage(tiny_files, arch, tmp_path):
     scores = evaluate_psnr(model, test, context=params.model.context, horizon=3)
     assert len(scores["model"]) == 3 and scores["clips"] == len(test)
     assert all(np.isfinite(scores["model"]))
+
+
+@pytest.mark.parametrize("decode", ["delta", "direct"])
+def test_latent_frames_composition(tiny_params, decode):
+    """At init `latent` predicts z_hat = z_last: 'delta' gives back the last frame exactly, 'direct' its decoding."""
+    p = tiny_params
+    model = make_model(p, "latent", decode=decode).eval()
+    c = p.model.context
+    ctx = context_only(make_batch(p, length=c + 1), c)
+    with torch.no_grad():
+        frames = model.rollout(ctx, 2)["frames"]
+        last = ctx["frames"][:, -1]
+        expected = last if decode == "delta" else model.vae.decode(ctx["z"][:, -1]).clamp(0, 1)
+    assert torch.allclose(frames[:, 0], expected, atol=1e-5)
+    assert torch.allclose(frames[:, 1], expected, atol=1e-5)

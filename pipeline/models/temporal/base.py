@@ -179,6 +179,18 @@ class LatentIO:
             mu, _ = self.vae.encode(frames.flatten(0, 1))  # [B*T,C,h,w]
         return mu.view(B, T, *mu.shape[1:])
 
+    def _to_frames(self, z_pred: Tensor, x_last: Tensor, z_last: Tensor) -> Tensor:
+        """Predicted latents [B,n,C,h,w] -> frames [B,n,3,H,W] in [0,1], per params model.decode.
+
+        'direct': D(z_hat). 'delta': x_last + D(z_hat) - D(z_last), the last real frame plus the change the
+        decoder sees; it keeps the exact pixels wherever the prediction equals the last latent, so the VAE's
+        reconstruction error does not cap the prediction (x_last [B,3,H,W], z_last [B,C,h,w] its latent).
+        """
+        frames = self._decode(z_pred)  # [B,n,3,H,W]
+        if self.model_cfg.decode == "delta":
+            frames = frames + (x_last - self.vae.decode(z_last))[:, None]
+        return frames.clamp(0.0, 1.0)
+
     def _decode(self, z: Tensor) -> Tensor:
         """Latents [*,C,h,w] -> frames [*,3,H,W] through the frozen VAE decoder."""
         lead = z.shape[:-3]

@@ -119,8 +119,9 @@ class DualVAE(LatentIO, TemporalModel):
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self._require(batch, ["frames"], min_frames=self.context)
         c = self.context
-        out = self._unroll(self._latents(batch, last=c), self._motion_latents(batch, last=c - 1), horizon)
-        out["frames"] = self._decode(out["z"]).clamp(0.0, 1.0)  # [B,horizon,3,H,W]
+        z_ctx = self._latents(batch, last=c)  # [B,c,C,h,w]
+        out = self._unroll(z_ctx, self._motion_latents(batch, last=c - 1), horizon)
+        out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
         return out
 
     def _ttt_flow_head(self) -> nn.Module:
@@ -135,12 +136,14 @@ class DualVAE(LatentIO, TemporalModel):
         z, zf = self._latents(batch), self._motion_latents(batch)  # [B,T,...], [B,T-1,...]
         # motion window before target j: flows into frames j-c+1..j-1, i.e. zf[j-c..j-2] (first repeated)
         zf_win = torch.cat([zf[:, [max(0, i - 1) for i in window_indices(j, c)[1:]]] for j in targets], dim=0)
-        o = self.step(self._stack_windows(z, targets, c), zf_win)
+        window = self._stack_windows(z, targets, c)  # [n*B,c,C,h,w]
+        o = self.step(window, zf_win)
         truth = self._stack_frames(frames, targets)
+        previous = self._stack_frames(frames, [j - 1 for j in targets])
         if kind == "warp":
-            pred = warp(self._stack_frames(frames, [j - 1 for j in targets]), self.flow_vae.decode(o["zf"]))
+            pred = warp(previous, self.flow_vae.decode(o["zf"]))
         else:
-            pred = self.vae.decode(o["z"])
+            pred = self._to_frames(o["z"][:, None], previous, window[:, -1])[:, 0]
         return l1(pred, truth)
 
 

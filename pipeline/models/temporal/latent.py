@@ -107,9 +107,10 @@ class LatentTransformer(LatentIO, TemporalModel):
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self._require(batch, ["frames"], min_frames=self.context)
-        out = self._unroll(self._latents(batch, last=self.context), horizon)
+        z_ctx = self._latents(batch, last=self.context)  # [B,c,C,h,w]
+        out = self._unroll(z_ctx, horizon)
         out.pop("feats")
-        out["frames"] = self._decode(out["z"]).clamp(0.0, 1.0)  # [B,horizon,3,H,W]
+        out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
         return out
 
     def ttt_loss(self, batch: Mapping[str, Tensor], kind: str) -> Tensor:
@@ -119,8 +120,11 @@ class LatentTransformer(LatentIO, TemporalModel):
             raise ValueError(f"{self.arch} has no flow head, so ttt loss 'warp' is undefined; use ttt.loss=full")
         T = self._require(batch, ["frames"], min_frames=2)
         targets = ttt_targets(T, self.context)
-        o = self.step(self._stack_windows(self._latents(batch), targets, self.context))
-        return l1(self.vae.decode(o["z"]), self._stack_frames(batch["frames"], targets))
+        window = self._stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
+        o = self.step(window)
+        previous = self._stack_frames(batch["frames"], [j - 1 for j in targets])
+        pred = self._to_frames(o["z"][:, None], previous, window[:, -1])[:, 0]
+        return l1(pred, self._stack_frames(batch["frames"], targets))
 
 
 __all__ = ["LatentTransformer"]

@@ -114,8 +114,9 @@ class WarpOcc(LatentIO, TemporalModel):
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self._require(batch, ["frames"], min_frames=self.context)
-        out = self._unroll(self._latents(batch, last=self.context), horizon)
-        out["frames"] = self._decode(out["z"]).clamp(0.0, 1.0)  # [B,horizon,3,H,W]
+        z_ctx = self._latents(batch, last=self.context)  # [B,c,C,h,w]
+        out = self._unroll(z_ctx, horizon)
+        out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
         return out
 
     def _ttt_flow_head(self) -> nn.Module:
@@ -127,13 +128,14 @@ class WarpOcc(LatentIO, TemporalModel):
         T = self._require(batch, ["frames"], min_frames=2)
         frames = batch["frames"]
         targets = ttt_targets(T, self.context)
-        o = self.step(self._stack_windows(self._latents(batch), targets, self.context))
+        window = self._stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
+        o = self.step(window)
         truth = self._stack_frames(frames, targets)  # [n*B,3,H,W]
+        previous = self._stack_frames(frames, [j - 1 for j in targets])
         if kind == "warp":
-            flow = resize_flow(o["flow"], self.frame_size)  # [n*B,2,H,W] pixels
-            pred = warp(self._stack_frames(frames, [j - 1 for j in targets]), flow)
+            pred = warp(previous, resize_flow(o["flow"], self.frame_size))  # flow [n*B,2,H,W] in pixels
         else:
-            pred = self.vae.decode(o["z"])
+            pred = self._to_frames(o["z"][:, None], previous, window[:, -1])[:, 0]
         return l1(pred, truth)
 
 
