@@ -21,8 +21,8 @@ SPLITS = {"train": 3, "val": 1, "test": 2}
 
 @pytest.fixture
 def inputs(tmp_path):
-    frames = write_tiny_frames(tmp_path / "frames.h5", splits=SPLITS, frames=6, size=16)
-    flow = write_tiny_flow(tmp_path / "flow.h5", splits=SPLITS, frames=6, size=16)
+    write_tiny_frames(tmp_path / "frames.h5", splits=SPLITS, frames=6, size=16)
+    write_tiny_flow(tmp_path / "flow.h5", splits=SPLITS, frames=6, size=16)
     torch.manual_seed(0)
     vae = VAE(VAEConfig(hidden=16, latent_channels=4, downsample=4, patch=2))
     fvae = FlowVAE(FlowVAEConfig(hidden=8, latent_channels=2, downsample=2, patch=1, flow_scale=1.5))

@@ -28,7 +28,7 @@ def evaluate_flow_reconstruction(model: FlowVAE, dataset: FlowFieldDataset, *, d
                                  batch: int) -> dict:
     """Mean EPE (pixels) of decode(mu) vs the flow over a split, and of the zero-flow baseline."""
     model.eval()
-    total, zero, count, magnitude = 0.0, 0.0, 0, 0.0
+    total, zero, count = 0.0, 0.0, 0
     for flow in DataLoader(dataset, batch_size=batch, shuffle=False):
         flow = flow.to(device)  # [B,2,H,W]
         recon = model.decode(model.encode(flow)[0])

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import Params, load_params, to_dict
 from pipeline.data.datasets import FrameDataset
-from pipeline.io import atomic_path, resolve_device, write_json
+from pipeline.io import atomic_path, write_json
 from pipeline.metrics import psnr, ssim
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
 from pipeline.training import TrainConfig, is_main_process, seed_everything, shutdown_distributed, train
