@@ -119,7 +119,7 @@ class Flow:
     cpu_raft: Literal["raft_large", "raft_small"] = "raft_small"  # RAFT variant when running on CPU
     cpu_num_updates: int = 4  # RAFT iterations when running on CPU
     batch: int = 16
-    dis_preset: Literal["ultrafast", "fast", "medium"] = "medium"
+    dis_preset: Literal["ultrafast", "fast", "medium"] = "fast"
     occ_alpha1: float = 0.01
     occ_alpha2: float = 0.5
 

@@ -1,0 +1,30 @@
+"""Stage flow: data/frames.h5 -> data/flow.h5, reports/flow/metrics.json, reports/flow/figures/flow.png."""
+import logging
+
+from pipeline.config import load_params
+from pipeline.flow.compute import compute_flow, flow_report, save_figure
+from pipeline.io import atomic_path, resolve_device, write_json
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
+    device = resolve_device(params.device)
+    with atomic_path(params.paths.flow) as tmp:
+        report = compute_flow(params.paths.frames, tmp, flow=params.flow, device=device)
+    metrics = flow_report(report, params.flow)
+    report_dir = params.paths.report_dir("flow")
+    (report_dir / "figures").mkdir(parents=True, exist_ok=True)  # a DVC out even when there is no figure
+    if report["examples"] is not None:
+        with atomic_path(report_dir / "figures" / "flow.png") as tmp:
+            save_figure(report["examples"], tmp, title=f"flow backend: {metrics['backend_used']}")
+    write_json(report_dir / "metrics.json", metrics)
+    q = metrics["quality"]
+    quality = f", test EPE {q['epe']:.3f} px, occlusion F1 {q['occlusion']['f1']}" if q else ""
+    fallback = f" (FALLBACK from {metrics['backend']}: {metrics['fallback_reason']})" if metrics["fallback_reason"] else ""
+    print(f"flow: {metrics['backend_used']}{fallback} on {metrics['device']}, {metrics['pairs']} pairs, "
+          f"{metrics['pairs_per_s']:.1f} pairs/s{quality} -> {params.paths.flow}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The flow stage end to end on small frames.h5 files: schema, metrics, atomic outputs, fallback record."""
+import json
+import warnings
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import merge, tiny_params_dict
+from pipeline.config import Flow, params_from_dict
+from pipeline.flow.backends import FlowBackendError
+from pipeline.flow.compute import FlowInputError, compute_flow, flow_report
+from pipeline.flow.ops import occlusion
+
+CPU = torch.device("cpu")
+
+
+def smooth_texture(rng, H, W, sigma=1.5):
+    """Blurred RGB noise in [0,1], [H,W,3]: the structure optical flow needs (pure noise is untrackable)."""
+    img = cv2.GaussianBlur(rng.random((H, W, 3)).astype(np.float32), (0, 0), sigma)
+    return (img - img.min()) / (img.max() - img.min())
+
+
+def moving_square_video(T, H, W, *, velocity, top_left, size=14, seed=0):
+    """A textured square sliding by an integer velocity over a static texture: frames and exact flow/visibility."""
+    rng = np.random.default_rng(seed)
+    bg = (smooth_texture(rng, H, W) * 0.5 + 0.25) * 255  # lower contrast background
+    fg = smooth_texture(rng, size, size) * 255
+    vx, vy = velocity
+    y0, x0 = top_left
+    video = np.repeat(bg.round().astype(np.uint8)[None], T, axis=0)
+    masks = np.zeros((T, H, W), bool)
+    for t in range(T):
+        y, x = y0 + vy * t, x0 + vx * t
+        video[t, y:y + size, x:x + size] = fg.round().astype(np.uint8)
+        masks[t, y:y + size, x:x + size] = True
+    fwd = np.zeros((T - 1, 2, H, W), np.float32)
+    bwd = np.zeros((T - 1, 2, H, W), np.float32)
+    fwd[:, 0][masks[:-1]], fwd[:, 1][masks[:-1]] = vx, vy
+    bwd[:, 0][masks[1:]], bwd[:, 1][masks[1:]] = -vx, -vy
+    vis = ~(masks[:-1] & ~masks[1:])  # background uncovered at t+1 was hidden at t
+    return video, fwd, bwd, vis
+
+
+def write_frames_h5(path, splits=None, *, H=48, W=56, T=5, with_gt=True):
+    """A frames.h5 following docs/ARCHITECTURE.md, from moving squares."""
+    splits = splits or {"train": 2, "val": 1, "test": 2}
+    with h5py.File(path, "w") as f:
+        f.attrs.update(source="synthetic" if with_gt else "clevrer", resolution=[H, W], stride=1, frames=T,
+                       params_hash="test", has_gt=with_gt)
+        for s, (name, n) in enumerate(splits.items()):
+            vids = [moving_square_video(T, H, W, velocity=((2, 1), (-3, 0), (1, -2))[(i + s) % 3],
+                                        top_left=(16, 20), seed=10 * s + i) for i in range(n)]
+            g = f.create_group(name)
+            g.create_dataset("video", data=np.stack([v[0] for v in vids]), chunks=(1, 1, H, W, 3))
+            g.create_dataset("collision", data=np.zeros((n, T), np.uint8))
+            g.create_dataset("video_index", data=np.arange(n, dtype=np.int64))
+            if with_gt:
+                g.create_dataset("gt_fwd", data=np.stack([v[1] for v in vids]).astype(np.float16))
+                g.create_dataset("gt_bwd", data=np.stack([v[2] for v in vids]).astype(np.float16))
+                g.create_dataset("gt_vis", data=(np.stack([v[3] for v in vids]) * 255).astype(np.uint8))
+    return path
+
+
+def test_moving_square_ground_truth_is_self_consistent():
+    video, fwd, bwd, vis = moving_square_video(4, 32, 32, velocity=(2, 1), top_left=(10, 10))
+    _, hard = occlusion(torch.from_numpy(bwd), torch.from_numpy(fwd))
+    assert np.array_equal(hard[:, 0].numpy() == 1, vis) and (~vis).sum() > 0
+
+
+@pytest.mark.parametrize("batch", [3, 16])  # batches that split videos and that span several videos
+def test_gt_backend_writes_exact_flow_and_perfect_scores(tmp_path, batch):
+    frames = write_frames_h5(tmp_path / "frames.h5")
+    report = compute_flow(frames, tmp_path / "flow.h5", flow=Flow(backend="gt", batch=batch), device=CPU)
+    with h5py.File(frames) as fr, h5py.File(tmp_path / "flow.h5") as fl:
+        assert fl.attrs["backend"] == "gt" and fl.attrs["backend_used"] == "gt" and fl.attrs["fallback_reason"] == ""
+        for split in ("train", "val", "test"):
+            N, T, H, W, _ = fr[split]["video"].shape
+            g = fl[split]
+            assert g["fwd"].shape == g["bwd"].shape == (N, T - 1, 2, H, W) and g["fwd"].dtype == np.float16
+            assert g["occ"].shape == (N, T - 1, H, W) and g["occ"].dtype == np.uint8
+            np.testing.assert_array_equal(g["fwd"][:], fr[split]["gt_fwd"][:])
+            np.testing.assert_array_equal(g["bwd"][:], fr[split]["gt_bwd"][:])
+            np.testing.assert_array_equal(g["occ"][:] > 127, fr[split]["gt_vis"][:] > 127)
+    q = report["quality"]
+    assert q["split"] == "test" and q["epe"] == 0 and q["outlier_rate"] == 0
+    assert q["occlusion"]["f1"] == 1.0 and q["occlusion"]["iou"] == 1.0 and q["occlusion"]["tp"] > 0
+    assert report["pairs"] == 5 * 4
+
+
+def test_dis_backend_on_moving_squares(tmp_path):
+    frames = write_frames_h5(tmp_path / "frames.h5", {"train": 1, "test": 2})
+    report = compute_flow(frames, tmp_path / "flow.h5", flow=Flow(backend="dis", dis_preset="fast", batch=4),
+                          device=CPU)
+    q = report["quality"]
+    assert report["backend_info"]["backend_used"] == "dis"
+    assert q["epe"] < 0.3 and q["epe_visible"] < 0.3
+    assert q["occlusion"]["f1"] > 0.3  # the disoccluded band behind the square is found, if imperfectly
+    with h5py.File(tmp_path / "flow.h5") as fl, h5py.File(frames) as fr:
+        assert set(fl) == {"train", "test"}
+        occ = fl["test"]["occ"][:]
+        assert occ.min() < 128 < occ.max()
+        gt_bwd = fr["test"]["gt_bwd"][:].astype(np.float32)
+        moving = np.linalg.norm(gt_bwd, axis=2) > 0  # [N,T-1,H,W] the square at t+1
+        epe = np.linalg.norm(fl["test"]["bwd"][:].astype(np.float32) - gt_bwd, axis=2)
+        assert np.median(epe[moving]) < 0.5  # the square's own motion (2-3 px) is recovered
+
+
+def test_flow_report_is_json_and_states_the_positive_class(tmp_path):
+    frames = write_frames_h5(tmp_path / "frames.h5", {"train": 1, "test": 1})
+    flow = Flow(backend="gt")
+    report = compute_flow(frames, tmp_path / "flow.h5", flow=flow, device=CPU)
+    metrics = flow_report(report, flow)
+    json.dumps(metrics, allow_nan=False)
+    assert metrics["backend_used"] == "gt" and metrics["fallback_reason"] is None
+    assert metrics["pairs_per_s"] > 0 and metrics["params"]["backend"] == "gt"
+    assert "OCCLUDED" in metrics["quality_note"] and "positive class" in metrics["quality_note"]
+
+
+def test_real_data_without_gt_has_no_quality_and_rejects_gt_backend(tmp_path):
+    frames = write_frames_h5(tmp_path / "frames.h5", {"train": 1, "test": 1}, with_gt=False)
+    report = compute_flow(frames, tmp_path / "flow.h5", flow=Flow(backend="dis"), device=CPU)
+    assert report["quality"] is None
+    assert flow_report(report, Flow(backend="dis"))["quality"] is None
+    with pytest.raises(FlowBackendError, match=r"frames\.h5.*gt_fwd/gt_bwd"):
+        compute_flow(frames, tmp_path / "flow_gt.h5", flow=Flow(backend="gt"), device=CPU)
+
+
+def test_bad_frames_file_errors_name_the_file(tmp_path):
+    with pytest.raises(FlowInputError, match="frames file not found"):
+        compute_flow(tmp_path / "missing.h5", tmp_path / "flow.h5", flow=Flow(backend="dis"), device=CPU)
+    (tmp_path / "junk.h5").write_bytes(b"nope")
+    with pytest.raises(FlowInputError, match=r"junk\.h5.*not a readable HDF5"):
+        compute_flow(tmp_path / "junk.h5", tmp_path / "flow.h5", flow=Flow(backend="dis"), device=CPU)
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_dataset("train/video", data=np.zeros((1, 3, 8, 8), np.uint8))
+    with pytest.raises(FlowInputError, match=r"bad\.h5.*train/video must be uint8 \[N,T,H,W,3\]"):
+        compute_flow(tmp_path / "bad.h5", tmp_path / "flow.h5", flow=Flow(backend="dis"), device=CPU)
+
+
+# --- the stage module, run as DVC runs it (params.yaml in the working directory) ---
+
+def stage_dir(tmp_path, monkeypatch, flow_overrides, *, with_gt=True):
+    params = merge(tiny_params_dict(), {"flow": flow_overrides})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").mkdir()
+    write_frames_h5(tmp_path / "data" / "frames.h5", with_gt=with_gt)
+    monkeypatch.chdir(tmp_path)
+    return params_from_dict(params)
+
+
+def test_stage_writes_flow_h5_metrics_and_figure(tmp_path, monkeypatch):
+    from pipeline.stages import flow as stage
+
+    params = stage_dir(tmp_path, monkeypatch, {"backend": "dis"})
+    stage.main()
+    metrics = json.loads((tmp_path / params.paths.report_dir("flow") / "metrics.json").read_text())
+    assert metrics["backend_used"] == "dis" and metrics["quality"]["epe"] < 0.5
+    png = tmp_path / "reports" / "flow" / "figures" / "flow.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with h5py.File(tmp_path / params.paths.flow) as f:
+        assert f.attrs["backend_used"] == "dis"
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers
+
+
+def test_stage_records_the_raft_fallback(tmp_path, monkeypatch):
+    from pipeline.stages import flow as stage
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    stage_dir(tmp_path, monkeypatch, {"backend": "raft_large", "fallback": "dis"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stage.main()
+    assert any("FLOW BACKEND FALLBACK" in str(w.message) for w in caught)
+    metrics = json.loads((tmp_path / "reports" / "flow" / "metrics.json").read_text())
+    assert metrics["backend"] == "raft_large" and metrics["backend_used"] == "dis"
+    assert "empty_torch_home" in metrics["fallback_reason"] and "not found" in metrics["fallback_reason"]
+    with h5py.File(tmp_path / "data" / "flow.h5") as f:
+        assert f.attrs["backend_used"] == "dis" and "not found" in f.attrs["fallback_reason"]
+
+
+def test_stage_failure_leaves_no_output(tmp_path, monkeypatch):
+    from pipeline.stages import flow as stage
+
+    stage_dir(tmp_path, monkeypatch, {"backend": "gt"}, with_gt=False)
+    with pytest.raises(FlowBackendError):
+        stage.main()
+    assert not (tmp_path / "data" / "flow.h5").exists()
+    assert not [p.name for p in (tmp_path / "data").iterdir() if p.name != "frames.h5"]
+
+
+# --- against the synthetic renderer (pipeline.data.synthetic + extract) ---
+
+@pytest.mark.slow
+def test_gt_occlusion_matches_renderer_visibility(tmp_path):
+    """The forward-backward check on the renderer's exact flow vs its exact visibility (occluded = positive).
+
+    At native resolution with data.stride=3 (motions of a few px, so disoccluded bands are resolvable)
+    the pooled F1 over 8 videos is 0.885-0.911 across seeds 0-3; at the default 64x64, stride 1 it is
+    ~0.73 (most disocclusions are sub-pixel). Remaining misses: object-object occlusion with similar
+    motion and bilinear mixing at motion boundaries, both inherent to the check.
+    """
+    from pipeline.data.extract import extract
+    from pipeline.data.synthetic import render_dataset
+
+    over = {"data": {"seed": 0, "videos": {"train": 1, "val": 0, "test": 8}, "frames": 6, "stride": 3,
+                     "resolution": [96, 128]},
+            "synthetic": {"width": 128, "height": 96, "frames": 16},
+            "eval": {"context": 2, "horizon": 2}, "model": {"context": 2}, "flow": {"backend": "gt"}}
+    params = params_from_dict(merge(tiny_params_dict(), over))
+    render_dataset(tmp_path / "raw", data=params.data, synthetic=params.synthetic)
+    extract(tmp_path / "raw", tmp_path / "frames.h5", data=params.data)
+    report = compute_flow(tmp_path / "frames.h5", tmp_path / "flow.h5", flow=params.flow, device=CPU)
+    occ = report["quality"]["occlusion"]
+    assert report["quality"]["gt_occluded_fraction"] > 0.005
+    assert occ["f1"] >= 0.85 and occ["precision"] >= 0.85, occ
