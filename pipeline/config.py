@@ -184,7 +184,7 @@ class FlowVAE(VAE):
 @dataclass(frozen=True)
 class Model:
     arch: Literal["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"] = "warp_occ"
-    hidden: int = 64
+    hidden: int = 32
     context: int = 4
     encoder: Literal["resnet18", "vit_b_16", "cnn"] = "resnet18"
     decode: Literal["delta", "direct"] = "delta"  # latent archs' frames: last frame + D(z_hat) - D(z_last), or D(z_hat)
@@ -217,7 +217,7 @@ class Loss:
 
 @dataclass(frozen=True)
 class Train:
-    steps: int = 1500
+    steps: int = 600
     lr: float = 1e-3
     batch: int = 16
     rollout: int = 2
