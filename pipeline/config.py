@@ -117,7 +117,7 @@ class Flow:
     fallback: Literal["dis", "gt"] = "dis"
     num_updates: int = 12
     cpu_raft: Literal["raft_large", "raft_small"] = "raft_small"  # RAFT variant when running on CPU
-    cpu_num_updates: int = 4  # RAFT iterations when running on CPU
+    cpu_num_updates: int = 3  # RAFT iterations when running on CPU
     batch: int = 16
     dis_preset: Literal["ultrafast", "fast", "medium"] = "fast"
     occ_alpha1: float = 0.01

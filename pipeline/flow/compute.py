@@ -150,7 +150,7 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
 
     The report has `backend_info`, `pairs`, `seconds`, `pairs_per_s`, per-split `visible_fraction`,
     `quality` on the test split when frames.h5 carries exact flow (else None), and `examples`
-    (arrays for the figure: frames, flows, masks of up to `figure_pairs` test pairs).
+    (arrays for the figure: frames, flows, masks of the middle pair of the first `figure_pairs` test videos).
     """
     frames_path, out_path = Path(frames_path), Path(out_path)
     if not frames_path.is_file():
@@ -192,7 +192,7 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
                 with_gt = _has_gt(group) and (info.backend_used == "gt" or split == EVAL_SPLIT)
                 acc = (QualityAccumulator(flow.occ_alpha1, flow.occ_alpha2)
                        if split == EVAL_SPLIT and with_gt and "gt_vis" in group else None)
-                vis_sum = 0.0
+                vis_sum, examples = 0.0, []
                 for runs in _pair_runs(N, P, flow.batch):
                     pairs, gt_vis = _read_batch(group, runs, with_gt)
                     fwd, bwd = backend_(pairs)  # [B,2,H,W] float32 each
@@ -212,13 +212,18 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
                         gb = torch.from_numpy(pairs.gt_bwd.astype(np.float32)).to(device)
                         gv = torch.from_numpy(gt_vis >= 128).to(device)
                         acc.update(fwd.to(device), bwd.to(device), hard.to(device), gf, gb, gv)
-                    if split == EVAL_SPLIT and report["examples"] is None:
-                        report["examples"] = _examples(pairs, fwd, bwd, soft, gt_vis, figure_pairs)
+                    if split == EVAL_SPLIT:
+                        wanted = {(n, P // 2) for n in range(min(figure_pairs, N))}  # mid pair of the first videos
+                        idx = [i for i, (n, t) in enumerate(_pair_ids(runs)) if (n, t) in wanted]
+                        if idx:
+                            examples.append(_examples(pairs, fwd, bwd, soft, gt_vis, idx))
                     total_pairs += len(pairs)
                 report["splits"][split] = {"videos": N, "pairs": N * P,
                                            "visible_fraction": vis_sum / max(N * P * H * W, 1)}
                 if acc is not None:
                     report["quality"] = {"split": split, **acc.result()}
+                if examples:
+                    report["examples"] = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
                 log.info("flow: %s done (%d pairs)", split, N * P)
         seconds = time.perf_counter() - t_start
     report.update(pairs=total_pairs, seconds=seconds, pairs_per_s=total_pairs / max(seconds, 1e-9),
@@ -226,10 +231,13 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
     return report
 
 
-def _examples(pairs: PairBatch, fwd: Tensor, bwd: Tensor, soft: Tensor, gt_vis, k: int) -> dict:
-    """Up to k pairs spread over a batch, as numpy arrays for the figure."""
-    B = len(pairs)
-    idx = np.unique(np.linspace(0, B - 1, num=min(k, B)).round().astype(int))
+def _pair_ids(runs):
+    """(video, t) of each pair of a batch, in batch order."""
+    return [(n, t) for n, t0, t1 in runs for t in range(t0, t1)]
+
+
+def _examples(pairs: PairBatch, fwd: Tensor, bwd: Tensor, soft: Tensor, gt_vis, idx: list[int]) -> dict:
+    """The pairs `idx` of a batch as numpy arrays for the figure."""
     ex = {"first": pairs.first[idx], "second": pairs.second[idx], "bwd": bwd[idx].float().cpu().numpy(),
           "fwd": fwd[idx].float().cpu().numpy(), "occ": soft[idx, 0].float().cpu().numpy()}
     if pairs.gt_bwd is not None:
