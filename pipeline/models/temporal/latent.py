@@ -1,6 +1,7 @@
 """`latent`: next-latent predictor, a transformer over latent patches of a temporal context window.
 
-Each context latent [C,h,w] is cut into p x p patches (tokens); with learned space and time position
+Each context latent [C,h,w] is cut into p x p patches; a token embeds a patch together with its change
+since the previous frame (the motion cue). With learned space and time position
 embeddings the c*n tokens attend to each other (full spatio-temporal attention, pre-norm blocks),
 and the tokens of the latest frame are projected to a patch-wise update: z_hat_{t+1} = z_t + delta
 (delta starts at 0, i.e. copy-last). Loss: latent L1 (+ collision focal, state L1).
@@ -36,7 +37,7 @@ class LatentTransformer(LatentIO, TemporalModel):
         n, dim = self.grid[0] * self.grid[1], self.model_cfg.hidden
         if dim % HEADS:
             raise ValueError(f"{self.arch}: model.hidden={dim} must be divisible by {HEADS} attention heads")
-        self.embed = nn.Linear(C * p * p, dim)
+        self.embed = nn.Linear(2 * C * p * p, dim)  # a patch and its change since the previous frame
         self.pos_space = nn.Parameter(torch.randn(1, 1, n, dim) * 0.02)
         self.pos_time = nn.Parameter(torch.randn(1, self.context, 1, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, HEADS, 4 * dim, dropout=0.0, activation="gelu",
@@ -71,7 +72,9 @@ class LatentTransformer(LatentIO, TemporalModel):
                              f"got {tuple(window.shape)}")
         B, c = window.shape[:2]
         n = self.grid[0] * self.grid[1]
-        tokens = self.embed(self._patchify(window)) + self.pos_space + self.pos_time  # [B,c,n,D]
+        change = torch.cat([torch.zeros_like(window[:, :1]), window[:, 1:] - window[:, :-1]], dim=1)
+        patches = torch.cat([self._patchify(window), self._patchify(change)], dim=-1)  # [B,c,n,2*C*p*p]
+        tokens = self.embed(patches) + self.pos_space + self.pos_time  # [B,c,n,D]
         tokens = self.norm(self.blocks(tokens.reshape(B, c * n, -1)))[:, -n:]  # [B,n,D] latest frame
         z = window[:, -1] + self._unpatchify(self.out(tokens))  # [B,C,h,w]
         feats = tokens.transpose(1, 2).reshape(B, -1, *self.grid)  # [B,D,gh,gw]
