@@ -174,7 +174,7 @@ class FlowVAE(VAE):
     hidden: int = 32
     kl_warmup: int = 200
     steps: int = 800
-    flow_scale: float = 2.0   # pixels; the network sees flow / flow_scale
+    flow_scale: float = 0.5   # pixels; the network sees flow / flow_scale
 
     def __post_init__(self):
         super().__post_init__()

@@ -219,7 +219,8 @@ def test_train_flow_vae_stage(tmp_path):
     report = tmp_path / "reports" / "flow_vae"
     test = json.loads((report / "metrics.json").read_text())["test"]
     assert test == metrics["test"] and test["fields"] == 2 * 7
-    assert 0 < test["epe"] and test["epe_zero_flow"] > 0
+    assert 0 < test["epe"] and test["epe_zero_flow"] > 0 and 0 < test["moving_fraction"] <= 1
+    assert test["epe_moving_zero_flow"] >= 0.5 and test["epe_moving"] > 0
     assert (report / "figures" / "recon.png").is_file()
     model = load_model(params.paths.flow_vae, "flow_vae")
     assert isinstance(model, FlowVAE) and model.config.flow_scale == 1.5

@@ -19,7 +19,7 @@ class FlowVAEConfig(VAEConfig):
     latent_channels: int = 4
     hidden: int = 32
     output: str = "linear"
-    flow_scale: float = 2.0   # pixels; flow / flow_scale is what the network sees
+    flow_scale: float = 0.5   # pixels; flow / flow_scale is what the network sees
 
     def __post_init__(self):
         super().__post_init__()
