@@ -12,8 +12,15 @@ Resume: the resume checkpoint is a hidden sibling of the final one (`models/.vae
 with models/*. It is used only when its fingerprint (kind, model args, train config, params,
 dataset size, world size) matches the current run, and deleted once the final checkpoint is
 written. Batches are a pure function of (seed, step): each epoch's order comes from a generator
-seeded with seed + epoch, and the global torch RNG is re-seeded from (seed, step, rank) before
-every step, so a resumed run sees the same batches and noise as an uninterrupted one.
+seeded with seed + epoch, and the global torch RNG is re-seeded from (seed, step, shard) before
+every micro-batch, so a resumed run sees the same batches and noise as an uninterrupted one.
+
+DDP equivalence: a step's global batch (batch x accumulate x world samples, contiguous in the
+epoch's permutation) is cut into world x accumulate shards of `batch`; shard s = rank * accumulate
++ k is rank `rank`'s k-th micro-batch, drawn with the RNG seeded from (seed, step, s), and the
+gradient is the mean over shards. So N ranks with accumulate=1 compute the same update as one
+process with accumulate=N (up to float summation order), sampling noise included; one process
+with an N-times larger batch sees the same samples but draws its noise differently.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,7 +40,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint, unwrap
 from pipeline.io import resolve_device
@@ -43,7 +50,7 @@ LossFn = Callable[..., dict]
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int
-    batch: int                 # per process; the global batch is batch * world size
+    batch: int                 # per micro-batch and process; the global batch is batch * accumulate * world size
     lr: float
     seed: int = 0
     workers: int = 0           # DataLoader worker processes (0 = load in the main process)
@@ -54,10 +61,13 @@ class TrainConfig:
     ckpt_every: int = 500      # steps between resume checkpoints; 0 disables them
     log_every: int = 10        # steps between logged (averaged) metrics
     amp: bool = True           # mixed precision on CUDA (bf16 where supported, else fp16)
+    accumulate: int = 1        # micro-batches per step and process (gradient accumulation)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"TrainConfig: steps and batch must be >= 1, got steps={self.steps}, batch={self.batch}")
+        if self.accumulate < 1:
+            raise ValueError(f"TrainConfig: accumulate must be >= 1, got {self.accumulate}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
         if self.workers < 0 or self.warmup < 0 or self.ckpt_every < 0 or self.clip_grad < 0:
@@ -119,8 +129,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 101 + rank) % (2**63 - 1)
+def _step_seed(seed: int, step: int, shard: int) -> int:
+    return (seed * 1_000_003 + step * 101 + shard) % (2**63 - 1)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -134,28 +144,35 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Endless batches of indices that depend only on (seed, step, rank): resumable at any step.
+    """Endless micro-batches of indices that depend only on (seed, step, rank): resumable at any step.
 
-    Each epoch is a DistributedSampler permutation (seeded with seed, set_epoch(epoch)) of this
-    rank's shard, cut into full batches; `start_step` skips the batches already consumed.
+    Each epoch is a permutation of the dataset (a generator seeded with seed + epoch) cut into
+    global batches of batch * accumulate * world indices (the remainder is dropped). Global batch
+    g holds world * accumulate contiguous shards of `batch`; this rank yields its shards
+    rank * accumulate + k, k = 0..accumulate-1, in order. `start_step` skips the steps already done.
     """
 
-    def __init__(self, size: int, batch: int, *, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
-        self.sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-        self.batch, self.start_step = batch, start_step
-        self.per_epoch = self.sampler.num_samples // batch
+    def __init__(self, size: int, batch: int, *, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
+                 accumulate: int = 1):
+        if not 0 <= rank < world or accumulate < 1:
+            raise ValueError(f"StepBatchSampler: need 0 <= rank < world and accumulate >= 1, got rank={rank}, "
+                             f"world={world}, accumulate={accumulate}")
+        self.size, self.batch, self.seed, self.start_step = size, batch, seed, start_step
+        self.rank, self.accumulate = rank, accumulate
+        self.global_batch = batch * accumulate * world
+        self.per_epoch = size // self.global_batch
         if self.per_epoch < 1:
-            raise ValueError(f"dataset of {size} items gives {self.sampler.num_samples} per process, "
-                             f"fewer than one batch of {batch}; lower the batch size")
+            raise ValueError(f"dataset of {size} items is fewer than one batch of {self.global_batch} "
+                             f"({batch} x accumulate {accumulate} x {world} processes); lower the batch size")
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, skip = divmod(self.start_step, self.per_epoch)
         while True:
-            self.sampler.set_epoch(epoch)
-            order = list(self.sampler)
-            for b in range(skip, self.per_epoch):
-                yield order[b * self.batch:(b + 1) * self.batch]
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for g in range(skip, self.per_epoch):
+                for k in range(self.accumulate):
+                    start = g * self.global_batch + (self.rank * self.accumulate + k) * self.batch
+                    yield order[start:start + self.batch]
             epoch, skip = epoch + 1, 0
 
 
@@ -246,7 +263,8 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     live = _open_live(report_dir, history) if rank == 0 and report_dir is not None else None
-    sampler = StepBatchSampler(len(dataset), config.batch, seed=config.seed, start_step=start, rank=rank, world=world)
+    sampler = StepBatchSampler(len(dataset), config.batch, seed=config.seed, start_step=start, rank=rank, world=world,
+                               accumulate=config.accumulate)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers, collate_fn=collate_fn,
                         pin_memory=dev.type == "cuda", persistent_workers=False)
     with_step = _takes_step(loss_fn)
@@ -259,17 +277,23 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
     batches = iter(loader)
     try:
         for step in range(start, config.steps):
-            batch = to_device(next(batches), dev)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(_step_seed(config.seed, step, rank))
-            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                terms = loss_fn(ddp_model, batch, step=step) if with_step else loss_fn(ddp_model, batch)
-            if "total" not in terms:
-                raise KeyError(f"loss_fn must return a dict with 'total'; got keys {sorted(terms)}")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["total"]).backward()
+            terms: dict = {}
+            for k in range(config.accumulate):  # micro-batch k is global shard rank * accumulate + k
+                batch = to_device(next(batches), dev)
+                torch.manual_seed(_step_seed(config.seed, step, rank * config.accumulate + k))
+                last = k == config.accumulate - 1
+                sync = nullcontext() if last or world == 1 else ddp_model.no_sync()  # all-reduce once per step
+                with sync:
+                    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        micro = loss_fn(ddp_model, batch, step=step) if with_step else loss_fn(ddp_model, batch)
+                    if "total" not in micro:
+                        raise KeyError(f"loss_fn must return a dict with 'total'; got keys {sorted(micro)}")
+                    scaler.scale(micro["total"] / config.accumulate).backward()
+                terms = micro if config.accumulate == 1 else _add_terms(terms, micro, config.accumulate)
             scaler.unscale_(optimizer)
             grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad) if config.clip_grad
                          else _grad_norm(model))
@@ -317,6 +341,15 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
     barrier()
     return TrainResult(model=model, step=config.steps, metrics=metrics, seconds=seconds,
                        resumed_from=resumed_from, history=history)
+
+
+def _add_terms(acc: dict, terms: dict, n: int) -> dict:
+    """Running mean of the named loss terms over n micro-batches (detached)."""
+    out = dict(acc)
+    for name, value in terms.items():
+        value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        out[name] = out.get(name, 0) + value / n
+    return out
 
 
 def _grad_norm(model: nn.Module) -> torch.Tensor:
