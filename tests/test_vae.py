@@ -180,7 +180,7 @@ def tiny_stage_params(tmp_path, **sections):
 
 
 def test_train_vae_stage(tmp_path):
-    from pipeline.stages.train_vae import train_vae
+    from pipeline.vae_training import train_vae
 
     params = tiny_stage_params(tmp_path, vae={"steps": 12, "ckpt_every": 5, "log_every": 4})
     write_tiny_frames(params.paths.frames)
@@ -201,7 +201,7 @@ def test_train_vae_stage(tmp_path):
 
 
 def test_train_vae_stage_rejects_a_resolution_the_latent_does_not_divide(tmp_path):
-    from pipeline.stages.train_vae import train_vae
+    from pipeline.vae_training import train_vae
 
     params = tiny_stage_params(tmp_path)
     params = dataclasses.replace(params, vae=dataclasses.replace(params.vae, downsample=8, patch=2))
@@ -211,7 +211,7 @@ def test_train_vae_stage_rejects_a_resolution_the_latent_does_not_divide(tmp_pat
 
 
 def test_train_flow_vae_stage(tmp_path):
-    from pipeline.stages.train_flow_vae import train_flow_vae
+    from pipeline.vae_training import train_flow_vae
 
     params = tiny_stage_params(tmp_path, flow_vae={"steps": 10, "flow_scale": 1.5})
     write_tiny_flow(params.paths.flow)

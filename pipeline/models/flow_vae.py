@@ -12,6 +12,8 @@ import torch
 
 from pipeline.models.vae import VAE, VAEConfig, kl_divergence, kl_weight
 
+MOVING_PX = 0.5  # pixels; a pixel counts as moving above this flow magnitude
+
 
 @dataclass
 class FlowVAEConfig(VAEConfig):
