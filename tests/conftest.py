@@ -12,7 +12,7 @@ import yaml
 from pipeline.config import Params, params_from_dict
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and oversubscribe under load)
 
 REPO = Path(__file__).resolve().parents[1]
 
