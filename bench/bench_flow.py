@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the flow stage does (see pipeline/stages/flow.py)
 import tempfile
 import time
 from pathlib import Path
@@ -116,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--frames", default=None)
-    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--skip-raft-large", action="store_true", help="no raft_large rows on CPU (slow)")
     args = parser.parse_args()
     params = load_params(args.params)
@@ -157,7 +159,7 @@ def main() -> None:
     print(" ".join(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:
         print(" ".join(str(row[h]).ljust(w) for h, w in zip(header, widths)))
-    result = {"frames": str(args.frames or "rendered"), "resolution": [H, W], "pairs_per_row": rows[0]["pairs"],
+    result = {"load_avg_1m_at_end": round(os.getloadavg()[0], 2), "frames": str(args.frames or "rendered"), "resolution": [H, W], "pairs_per_row": rows[0]["pairs"],
               "torch_threads": torch.get_num_threads(), "batch": params.flow.batch,
               "default_stage_pairs": DEFAULT_STAGE_PAIRS,
               "note": "pairs/s = forward + backward flow + occlusion per pair; RAFT rows use random weights "
