@@ -1,16 +1,9 @@
 """Stage flow: data/frames.h5 -> data/flow.h5, reports/flow/metrics.json, reports/flow/figures/flow.png."""
-import os
+import logging
 
-# On a shared CPU, OpenMP's default spin-waiting makes torch's threads burn the cores that other
-# processes need: RAFT ran 2-4x slower under load than with sleeping waits. Set before torch is
-# imported; a value in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import logging  # noqa: E402
-
-from pipeline.config import load_params  # noqa: E402
-from pipeline.flow.compute import compute_flow, flow_report, save_figure  # noqa: E402
-from pipeline.io import atomic_path, resolve_device, write_json  # noqa: E402
+from pipeline.config import load_params
+from pipeline.flow.compute import compute_flow, flow_report, save_figure
+from pipeline.io import atomic_path, resolve_device, write_json
 
 
 def main() -> None:
