@@ -175,10 +175,12 @@ class FlowVAE(VAE):
     kl_warmup: int = 200
     steps: int = 800
     flow_scale: float = 0.5   # pixels; the network sees flow / flow_scale
+    moving_weight: float = 10.0  # EPE weight of moving pixels (|flow| > 0.5 px); static ones weigh 1
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.flow_scale > 0, "flow_vae.flow_scale", self.flow_scale, "must be > 0")
+        _check(self.moving_weight >= 1, "flow_vae.moving_weight", self.moving_weight, "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def _train_and_report(params: Params, *, kind: str, section, model: VAE, data_pa
 
 
 def train_vae(params: Params) -> dict:
-    """Train the frame VAE on frames.h5 train; write models/vae.pt and reports/vae/; return the metrics ({} off rank 0)."""
+    """Train the frame VAE on frames.h5 train; write models/vae.pt and reports/vae/; return the metrics."""
     v = params.vae
     seed_everything(v.seed)
     model = VAE(vae_config(params))
@@ -217,7 +217,8 @@ def train_flow_vae(params: Params) -> dict:
     model = FlowVAE(flow_vae_config(params))
 
     def loss_fn(m, flow, step):
-        return flow_vae_loss(m, flow, beta=v.beta, warmup=v.kl_warmup, step=step)
+        return flow_vae_loss(m, flow, beta=v.beta, warmup=v.kl_warmup, step=step,
+                             moving_weight=v.moving_weight)
 
     flow_h5 = Path(params.paths.flow)
     return _train_and_report(params, kind="flow_vae", section=v, model=model, data_path=flow_h5,

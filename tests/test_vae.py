@@ -13,7 +13,7 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 
 from pipeline.checkpoint import load_checkpoint, load_model
 from pipeline.config import ConfigError, params_from_dict
-from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig, end_point_error, flow_vae_loss
+from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig, end_point_error, flow_vae_loss, moving_weights
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss, kl_divergence, kl_weight
 
 from conftest import merge, tiny_params_dict
@@ -96,10 +96,31 @@ def test_flow_vae_scale_epe_and_loss():
     pred[:, 0], pred[:, 1] = 3.0, 4.0
     assert end_point_error(pred, target).item() == pytest.approx(5.0, abs=1e-5)
     out = flow_vae_loss(model, flow, beta=0.0)
-    assert set(out) == {"total", "epe", "kl", "kl_weight"}
-    assert torch.allclose(out["total"], out["epe"] / 4.0)
+    assert set(out) == {"total", "epe", "epe_weighted", "kl", "kl_weight"}
+    assert torch.allclose(out["total"], out["epe"] / 4.0) and torch.equal(out["epe_weighted"], out["epe"])
     with pytest.raises(ValueError, match="shape"):
         end_point_error(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+
+
+def test_flow_loss_weights_moving_pixels():
+    flow = torch.zeros(2, 2, 4, 4)
+    flow[0, 0, :2, :2] = 2.0  # 4 of 32 pixels move (|flow| = 2 > MOVING_PX); the rest is static
+    flow[1, 1, 3, 3] = 0.4    # below MOVING_PX: counts as static
+    w = moving_weights(flow, 5.0)
+    assert w.shape == (2, 4, 4) and w.sum().item() == 28 + 4 * 5.0 and w[0, :2, :2].eq(5.0).all()
+    pred = torch.zeros_like(flow)  # zero flow: error 2 on the moving pixels, 0.4 on one static pixel
+    assert end_point_error(pred, flow).item() == pytest.approx((4 * 2.0 + 0.4) / 32, abs=1e-5)
+    assert end_point_error(pred, flow, w).item() == pytest.approx((4 * 5 * 2.0 + 0.4) / 48, abs=1e-5)
+    with pytest.raises(ValueError, match=r"weight of shape \(2, 4, 4\)"):
+        end_point_error(pred, flow, w[:, None])
+
+    torch.manual_seed(0)
+    model = FlowVAE(FlowVAEConfig(hidden=16, latent_channels=2, flow_scale=0.5)).eval()
+    out = flow_vae_loss(model, flow, beta=0.0, moving_weight=5.0)
+    recon = model.decode(model.encode(flow)[0])
+    assert torch.allclose(out["epe"], end_point_error(recon, flow))
+    assert torch.allclose(out["epe_weighted"], end_point_error(recon, flow, w))
+    assert torch.allclose(out["total"], out["epe_weighted"] / 0.5) and not torch.allclose(out["epe_weighted"], out["epe"])
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -130,6 +151,8 @@ def test_bad_vae_params_fail_clearly():
         params_from_dict(merge(tiny_params_dict(), {"vae": {"downsample": 2, "patch": 4}}))
     with pytest.raises(ConfigError, match="flow_scale"):
         params_from_dict(merge(tiny_params_dict(), {"flow_vae": {"flow_scale": 0.0}}))
+    with pytest.raises(ConfigError, match="moving_weight"):
+        params_from_dict(merge(tiny_params_dict(), {"flow_vae": {"moving_weight": 0.5}}))
     with pytest.raises(ConfigError, match="unknown param vae.flow_scale"):
         params_from_dict(merge(tiny_params_dict(), {"vae": {"flow_scale": 2.0}}))
 
@@ -213,11 +236,13 @@ def test_train_vae_stage_rejects_a_resolution_the_latent_does_not_divide(tmp_pat
 def test_train_flow_vae_stage(tmp_path):
     from pipeline.vae_training import train_flow_vae
 
-    params = tiny_stage_params(tmp_path, flow_vae={"steps": 10, "flow_scale": 1.5})
+    params = tiny_stage_params(tmp_path, flow_vae={"steps": 10, "flow_scale": 1.5, "moving_weight": 4.0})
     write_tiny_flow(params.paths.flow)
     metrics = train_flow_vae(params)
     report = tmp_path / "reports" / "flow_vae"
-    test = json.loads((report / "metrics.json").read_text())["test"]
+    saved = json.loads((report / "metrics.json").read_text())
+    assert saved["train"]["epe_weighted"] > 0 and saved["train"]["epe"] > 0  # both EPEs are logged
+    test = saved["test"]
     assert test == metrics["test"] and test["fields"] == 2 * 7
     assert 0 < test["epe"] and test["epe_zero_flow"] > 0 and 0 < test["moving_fraction"] <= 1
     assert test["epe_moving_zero_flow"] >= 0.5 and test["epe_moving"] > 0
