@@ -18,7 +18,7 @@ def leaf_keys(node, prefix=""):
 def documented_keys(readme: str) -> tuple[set[str], set[str]]:
     """Backticked names in the README, with `a.b/c` expanded to a.b and a.c; `a.*` kept as a prefix."""
     names, prefixes = set(), set()
-    for token in re.findall(r"`([a-z_]+(?:\.[a-z_*]+(?:/[a-z_]+)*)+)`", readme):
+    for token in re.findall(r"`([a-z_]+(?:\.[a-z_0-9*]+(?:/[a-z_0-9]+)*)+)`", readme):
         if token.endswith(".*"):
             prefixes.add(token[:-1])
             continue
