@@ -1,0 +1,221 @@
+"""Run every benchmark in bench/ and write bench/results/<name>.json plus bench/results/README.md (headline table).
+
+Usage: python bench/run_all.py [--quick] [--only NAME[,NAME]] [--workspace DIR] [--set KEY=VALUE ...]
+
+Benchmarks, in order (NAME: script -> result):
+  render    bench_render.py    synthetic renderer ms/frame on the default data
+  extract   bench_extract.py   extract frames/s vs a bare PyAV decode (target ratio >= 0.8)
+  flow      bench_flow.py      pairs/s per flow backend, EPE vs the exact synthetic flow
+  train     bench_train.py     training samples/s per temporal arch and per VAE
+  infer     bench_infer.py     inference frames/s with and without test-time training
+  temporal  bench_temporal.py  quality: PSNR gain over copy-last per arch (needs trained upstream outputs:
+                               --temporal-data, default the repo's data/ + models/ after `dvc repro`)
+  pipeline  bench_pipeline.py  default `dvc repro` wall time and no-op `dvc repro` time (slow)
+  memory    bench_memory.py    peak memory of extract and train_vae at 1x, 2x, 4x the default videos (slow)
+--quick skips temporal, pipeline and memory and the CPU raft_large flow rows. render/extract/flow/train/infer
+share one workspace (a project copy with the upstream stages run on the default data, see bench_train.py).
+--set overrides params of that workspace and of the pipeline benchmark (for smoke runs only: the table
+records them). A benchmark that fails is reported in the table and makes the exit status non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, RESULTS, machine  # noqa: E402
+
+BENCH = REPO / "bench"
+ORDER = ["render", "extract", "flow", "train", "infer", "temporal", "pipeline", "memory"]
+SLOW = {"temporal", "pipeline", "memory"}
+TEMPORAL_FILES = {"frames.h5": "data/frames.h5", "flow.h5": "data/flow.h5", "latents.h5": "data/latents.h5",
+                  "vae.pt": "models/vae.pt", "flow_vae.pt": "models/flow_vae.pt"}
+
+
+def commands(names: list[str], *, workspace: Path, quick: bool, overrides: list[str],
+             temporal_data: Path | None, train_steps: int | None = None) -> dict[str, list[str] | str]:
+    """Command line per benchmark, or a string saying why it is skipped."""
+    sets = [a for item in overrides for a in ("--set", item)]
+    ws_params = str(workspace / "params.yaml")
+    cmds: dict[str, list[str] | str] = {
+        "render": ["bench_render.py", "--params", ws_params, "--out", str(RESULTS / "render.json")],
+        "extract": ["bench_extract.py", "--params", ws_params, "--raw", str(workspace / "data" / "raw")],
+        "flow": ["bench_flow.py", "--params", ws_params, "--frames", str(workspace / "data" / "frames.h5"),
+                 *(["--skip-raft-large"] if quick else [])],
+        "train": ["bench_train.py", "--workspace", str(workspace), *sets,
+                  *(["--steps", str(train_steps)] if train_steps else [])],
+        "infer": ["bench_infer.py", "--workspace", str(workspace), *sets],
+        "temporal": (["bench_temporal.py", "--data", str(temporal_data)] if temporal_data is not None else
+                     "no trained upstream outputs (run `dvc repro encode` first or pass --temporal-data DIR)"),
+        "pipeline": ["bench_pipeline.py", *sets],
+        "memory": ["bench_memory.py"],
+    }
+    return {n: cmds[n] for n in names}
+
+
+def temporal_dir(arg: Path | None, tmp: Path) -> Path | None:
+    """A flat directory of the upstream outputs bench_temporal needs (links into a `dvc repro` tree)."""
+    if arg is not None and all((arg / f).is_file() for f in TEMPORAL_FILES):
+        return arg
+    root = arg or REPO
+    if not all((root / rel).is_file() for rel in TEMPORAL_FILES.values()):
+        return None
+    flat = tmp / "temporal_data"
+    flat.mkdir(exist_ok=True)
+    for name, rel in TEMPORAL_FILES.items():
+        (flat / name).symlink_to((root / rel).resolve())
+    return flat
+
+
+def run(name: str, cmd: list[str], log: Path) -> dict:
+    """Run one benchmark script, streaming its output to `log`; return status and wall time."""
+    print(f"== {name}: python bench/{' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(REPO))
+    with log.open("w") as out:
+        proc = subprocess.run([sys.executable, str(BENCH / cmd[0]), *cmd[1:]], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, text=True)
+    seconds = round(time.perf_counter() - start, 1)
+    tail = log.read_text().splitlines()[-15:]
+    print("\n".join(f"   {line}" for line in tail), flush=True)
+    status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode}, see bench/results/logs/{log.name})"
+    print(f"== {name}: {status} in {seconds} s", flush=True)
+    return {"status": status, "seconds": seconds}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(x, digits=1) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def headline(name: str, r: dict) -> list[tuple[str, str]]:
+    """(figure, value) rows of one result file."""
+    if name == "render":
+        d = r["dataset"]
+        return [("synthetic render", f"{1000 * d['seconds_per_frame']:.1f} ms/frame wall, "
+                 f"{r['dataset_cpu_ms_per_frame']:.1f} CPU-ms/frame ({d['frames']} frames, {d['workers']} workers)")]
+    if name == "extract":
+        return [("extract vs bare PyAV decode", f"{r['extract_fps']:,.0f} vs {r['bare_decode_fps']:,.0f} frames/s: "
+                 f"ratio {r['ratio']:.2f} (target >= {r['target']})")]
+    if name == "flow":
+        return [(f"flow {row['backend']} ({row['device']})",
+                 f"{row['pairs_per_s']:,.1f} pairs/s, EPE {row['epe'] if row['epe'] is not None else 'n/a'}")
+                for row in r["rows"]]
+    if name == "train":
+        return [(f"train {row['model']} ({row['device']})",
+                 f"{_fmt(row['samples_per_s'])} samples/s ({row['sample']}; batch {row['batch']}, "
+                 f"{row['steps']} steps)") for row in r["rows"]]
+    if name == "infer":
+        rows = []
+        for row in r["rows"]:
+            ttt = (f"{_fmt(row['fps_model_ttt'])} frames/s with TTT ({row['ttt_steps']} steps, {row['ttt_params']})"
+                   if row["ttt_supported"] else f"TTT n/a ({row['ttt_reason']})")
+            rows.append((f"infer {row['arch']} ({row['device']})", f"{_fmt(row['fps_model'])} frames/s rollout; {ttt}"))
+        return rows
+    if name == "temporal":
+        h = r["horizon"]
+        return [(f"quality {row['arch']}", f"{row[f'gain_rollout{h}_db']:+.2f} dB over copy-last ({h}-step rollout), "
+                 f"{row['gain_step1_db']:+.2f} dB 1-step, {row['steps']} steps") for row in r["results"]]
+    if name == "pipeline":
+        return [("`dvc repro`, default params", f"{r['repro_s'] / 60:.1f} min ({len(r['stages_run'])} stages)"),
+                ("no-op `dvc repro`", f"{r['noop_repro_s']:.1f} s")]
+    if name == "memory":
+        rows = [(f"peak memory, {row['scale']}x videos ({row['frames_h5_mb']:.0f} MB frames.h5)",
+                 f"extract {row['extract_peak_mb']} MB, train_vae {row['train_vae_peak_mb']} MB") for row in r["rows"]]
+        rows.append(("peak memory growth", f"data x{r['data_growth']}: extract x{r['extract_growth']}, "
+                     f"train_vae x{r['train_vae_growth']} (flat = 1)"))
+        return rows
+    return []
+
+
+def write_table(status: dict[str, dict], overrides: list[str]) -> Path:
+    """bench/results/README.md: one row per headline figure of every result file present."""
+    m = machine()
+    lines = ["# Benchmark results", "",
+             f"Written by `python bench/run_all.py` on {time.strftime('%Y-%m-%d %H:%M')}. Machine: "
+             f"{m['cpu_count']} CPUs ({m['processor']}), GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
+             f"Python {m['python']}; load average {os.getloadavg()[0]:.1f} at the end (a shared machine makes "
+             "wall times noisy).", ""]
+    if overrides:
+        lines += [f"**Smoke run with param overrides {overrides}: not the default-data figures.**", ""]
+    lines += ["| benchmark | figure | value | measured | machine |", "|---|---|---|---|---|"]
+    for name in ORDER:
+        r, st = _load(name), status.get(name)
+        if st is not None and st["status"].startswith("failed"):
+            lines.append(f"| {name} | - | {st['status']} | this run | |")
+            continue
+        if r is None:
+            lines.append(f"| {name} | - | not measured{' (' + st['status'] + ')' if st else ''} | | |")
+            continue
+        where = r.get("machine") or {"cpu_count": r.get("cpus", "?")}  # bench_render writes `cpus` only
+        box = f"{where.get('cpu_count', '?')} CPU" + (f", {where['gpu']}" if where.get("gpu") else "")
+        when = r.get("measured_at") or time.strftime("%Y-%m-%dT%H:%M", time.localtime((RESULTS / f"{name}.json")
+                                                                                     .stat().st_mtime))
+        when = when.replace("T", " ")[:16]
+        try:
+            rows = headline(name, r)
+        except (KeyError, TypeError, ZeroDivisionError) as e:  # an older result file of another layout
+            rows = [("-", f"unreadable result file ({type(e).__name__}: {e})")]
+        for fig, value in rows:
+            lines.append(f"| {name} | {fig} | {value} | {when} | {box} |")
+    lines += ["", "Per-benchmark details (rows, settings, notes) are in the JSON file of the same name; logs of the "
+              "last run in `logs/`."]
+    path = RESULTS / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip temporal, pipeline, memory and CPU raft_large")
+    parser.add_argument("--only", action="append", default=[], help=f"NAME[,NAME]: run only these ({', '.join(ORDER)})")
+    parser.add_argument("--workspace", type=Path, default=None, help="reuse/create the shared workspace here")
+    parser.add_argument("--temporal-data", type=Path, default=None,
+                        help="trained upstream outputs for bench_temporal (a repo after `dvc repro encode`, or a "
+                             "flat dir of frames.h5 flow.h5 latents.h5 vae.pt flow_vae.pt); default: this repo")
+    parser.add_argument("--set", action="append", default=[], help="param override KEY=VALUE (smoke runs)")
+    parser.add_argument("--train-steps", type=int, default=None, help="steps per arch in bench_train (default 30)")
+    args = parser.parse_args()
+    only = [n for item in args.only for n in item.split(",") if n]
+    unknown = sorted(set(only) - set(ORDER))
+    if unknown:
+        raise SystemExit(f"unknown benchmark {', '.join(unknown)}; valid: {', '.join(ORDER)}")
+    names = [n for n in ORDER if (n in only if only else not (args.quick and n in SLOW))]
+    (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
+    status: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_all_") as tmp:
+        tmp = Path(tmp)
+        workspace = args.workspace or tmp / "workspace"
+        if {"render", "extract", "flow", "train", "infer"} & set(names):
+            from bench.bench_train import prepare_workspace
+            print(f"== workspace {workspace}", flush=True)
+            prepare_workspace(workspace, overrides=args.set)
+        cmds = commands(names, workspace=workspace, quick=args.quick, overrides=args.set,
+                        temporal_data=temporal_dir(args.temporal_data, tmp) if "temporal" in names else None,
+                        train_steps=args.train_steps)
+        for name, cmd in cmds.items():
+            if isinstance(cmd, str):
+                status[name] = {"status": f"skipped: {cmd}", "seconds": 0}
+                print(f"== {name}: skipped: {cmd}", flush=True)
+                continue
+            status[name] = run(name, cmd, RESULTS / "logs" / f"{name}.log")
+    path = write_table(status, args.set)
+    print(path.read_text())
+    failed = [n for n, s in status.items() if s["status"].startswith("failed")]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
