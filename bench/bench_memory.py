@@ -19,7 +19,7 @@ from bench.common import copy_project, save, set_params  # noqa: E402
 
 def peak_mb(module: str, cwd: Path) -> float:
     """Run `python -m module` in cwd and return its peak RSS in MB."""
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(cwd))  # peak.py's sys.path[0] is bench/, not cwd
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("peak.py")), module], cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{module} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
