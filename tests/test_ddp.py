@@ -140,9 +140,9 @@ def _stage(root: Path, env: dict, *launcher: str) -> subprocess.CompletedProcess
 
 
 def _reference(root: Path, **changes) -> VAE:
-    """The train_vae stage's model, data, loss and loop settings, trained in this process."""
+    """The train_vae stage's model, data, loss and loop settings (pipeline.vae_training), trained in this process."""
     from pipeline.data.datasets import FrameDataset
-    from pipeline.stages.train_vae import train_config, vae_config
+    from pipeline.vae_training import train_config, vae_config
 
     params = load_params(root / "params.yaml")
     v, cfg = params.vae, vae_config(params)
