@@ -22,7 +22,7 @@ from pipeline.config import Params, to_dict
 from pipeline.data.datasets import ClipDataset
 from pipeline.metrics import psnr
 from pipeline.models.temporal import NEEDS_FLOW_VAE, NEEDS_VAE, build_temporal
-from pipeline.training import TrainConfig, seed_everything, train, to_device
+from pipeline.training import TrainConfig, is_main_process, seed_everything, train, to_device
 
 CONTEXT_KEYS = ("frames", "z", "zf", "flow_bwd", "flow_fwd", "occ")
 
@@ -116,6 +116,8 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
                    model_args=model.model_args(), arch=arch, params=to_dict(p), report_dir=report_dir,
                    device=p.device, extra={"encoder": encoder})
     seconds = time.perf_counter() - t0
+    if not is_main_process():  # under DDP only rank 0 validates and reports
+        return {}
     trained = unwrap(result.model)
     device = next(trained.parameters()).device
 

@@ -132,9 +132,10 @@ def project(tmp_path_factory):
     return root, env
 
 
-def _stage(root: Path, env: dict, *launcher: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *launcher, "-m", "pipeline.stages.train_vae"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
+def _stage(root: Path, env: dict, nproc: int) -> subprocess.CompletedProcess:
+    """Run train_vae as dvc.yaml does (`python -m pipeline.launch train_vae`) with PIPELINE_NPROC=nproc."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.launch", "train_vae"], cwd=root,
+                          env=dict(env, PIPELINE_NPROC=str(nproc)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"train_vae failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -158,7 +159,7 @@ def _reference(root: Path, **changes) -> VAE:
 @pytest.mark.slow
 def test_train_vae_under_torchrun_matches_one_process_with_the_same_global_batch(project):
     root, env = project
-    proc = _stage(root, env, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    proc = _stage(root, env, 2)  # torchrun --standalone --nproc_per_node 2, through the environment switch
     assert proc.stdout.count("train_vae: test PSNR") == 1, proc.stdout  # only rank 0 reports
     ckpt = load_checkpoint(root / "models" / "vae.pt", kind="vae")
     assert ckpt["step"] == DDP_VAE["steps"] and ckpt["params"]["vae"]["batch"] == 4

@@ -4,11 +4,17 @@ import json
 from pipeline.config import load_params
 from pipeline.io import write_json
 from pipeline.temporal import train_temporal
+from pipeline.training import shutdown_distributed
 
 
 def main() -> None:
     params = load_params()
-    report = train_temporal(params)
+    try:
+        report = train_temporal(params)
+    finally:
+        shutdown_distributed()
+    if not report:  # not rank 0
+        return
     path = params.paths.report_dir("temporal") / "metrics.json"
     logged = json.loads(path.read_text()) if path.is_file() else {}  # dvclive's summary of the last step
     write_json(path, {**logged, **report})
