@@ -108,6 +108,12 @@ class TemporalModel(nn.Module):
                              f"(model.context={self.context})")
         return frames.shape[1]
 
+    def _check_rollout(self, batch: Mapping[str, Tensor], horizon: int) -> None:
+        """A rollout needs horizon >= 1 and at least `context` frames."""
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        self._require(batch, ["frames"], min_frames=self.context)
+
     def _rollout_len(self, batch: Mapping[str, Tensor]) -> int:
         """Training steps to unroll: clip length - context (>= 1)."""
         T = self._require(batch, ["frames"], min_frames=self.context + 1)

@@ -229,9 +229,7 @@ class ClipLSTM(TemporalModel):
 
     def rollout(self, batch: Mapping[str, Tensor], horizon: int) -> dict[str, Tensor]:
         """Warm up on the last `context` frames, then predict `horizon` frames [B,horizon,3,H,W] in [0,1]."""
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
-        self._require(batch, ["frames"], min_frames=self.context)
+        self._check_rollout(batch, horizon)
         c = self.context
         out = self._run(batch["frames"][:, -c:], horizon)
         out = {k: v[:, c - 1:] for k, v in out.items()}

@@ -115,9 +115,7 @@ class DualVAE(LatentIO, TemporalModel):
 
     def rollout(self, batch: Mapping[str, Tensor], horizon: int) -> dict[str, Tensor]:
         """From the last `context` frames (and the flows between them) predict `horizon` frames in [0,1]."""
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
-        self._require(batch, ["frames"], min_frames=self.context)
+        self._check_rollout(batch, horizon)
         c = self.context
         z_ctx = self._latents(batch, last=c)  # [B,c,C,h,w]
         out = self._unroll(z_ctx, self._motion_latents(batch, last=c - 1), horizon)

@@ -111,9 +111,7 @@ class WarpOcc(LatentIO, TemporalModel):
 
     def rollout(self, batch: Mapping[str, Tensor], horizon: int) -> dict[str, Tensor]:
         """From the last `context` frames of the batch, predict `horizon` frames [B,horizon,3,H,W] in [0,1]."""
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
-        self._require(batch, ["frames"], min_frames=self.context)
+        self._check_rollout(batch, horizon)
         z_ctx = self._latents(batch, last=self.context)  # [B,c,C,h,w]
         out = self._unroll(z_ctx, horizon)
         out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
