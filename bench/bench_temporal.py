@@ -18,24 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import REPO, save  # noqa: E402
+from bench.common import REPO, apply_overrides, save  # noqa: E402
 from pipeline.checkpoint import load_model  # noqa: E402
 from pipeline.config import params_from_dict  # noqa: E402
 from pipeline.data.datasets import ClipDataset  # noqa: E402
 from pipeline.temporal import evaluate_psnr, train_temporal  # noqa: E402
 
 ARCHS = ["warp_occ", "latent", "latent_flow", "dual_vae", "clip_lstm"]
-
-
-def _override(raw: dict, item: str) -> None:
-    key, _, value = item.partition("=")
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node[part]
-    if leaf not in node:
-        raise SystemExit(f"unknown param {key}")
-    node[leaf] = yaml.safe_load(value)
 
 
 def bench_arch(arch: str, raw: dict, data: Path, work: Path, *, steps: int | None, horizon: int,
@@ -91,7 +80,7 @@ def main() -> None:
     raw = yaml.safe_load(Path(args.params).read_text())
     raw["device"] = "cpu" if not torch.cuda.is_available() else raw.get("device", "auto")
     for item in args.set:
-        _override(raw, item)
+        apply_overrides(raw, [item])
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_temporal_") as tmp:
         for arch in [a for a in args.archs.split(",") if a]:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.common import copy_project, save, set_params  # noqa: E402
+from bench.common import apply_overrides, copy_project, save, set_params  # noqa: E402
 from pipeline.config import Params, params_from_dict  # noqa: E402
 from pipeline.io import resolve_device  # noqa: E402
 
@@ -76,15 +76,7 @@ def workspace_params(root: Path, overrides: list[str] = ()) -> Params:
     """The workspace's params with every path made absolute (so this process can stay where it is)."""
     raw = yaml.safe_load((Path(root) / "params.yaml").read_text())
     raw["paths"] = {k: str(Path(root) / v) for k, v in raw["paths"].items()}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise SystemExit(f"unknown param {key}")
-        node[leaf] = yaml.safe_load(value)
+    apply_overrides(raw, list(overrides))
     return params_from_dict(raw)
 
 

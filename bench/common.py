@@ -43,17 +43,23 @@ def copy_project(dst: Path) -> None:
         shutil.copy2(REPO / rel, target)
 
 
-def set_params(params_file: Path, overrides: list[str]) -> None:
-    """Apply KEY=VALUE overrides (dotted keys, YAML values) to a params.yaml."""
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Apply KEY=VALUE overrides (dotted keys, YAML values) to a params mapping in place."""
     import yaml
-    params = yaml.safe_load(params_file.read_text())
     for item in overrides:
         key, _, value = item.partition("=")
-        node = params
+        node = raw
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
         if leaf not in node:
             raise SystemExit(f"unknown param {key}")
         node[leaf] = yaml.safe_load(value)
+
+
+def set_params(params_file: Path, overrides: list[str]) -> None:
+    """Apply KEY=VALUE overrides to a params.yaml file."""
+    import yaml
+    params = yaml.safe_load(params_file.read_text())
+    apply_overrides(params, overrides)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
