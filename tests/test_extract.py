@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import merge, tiny_params_dict
-from pipeline.config import params_from_dict
+from pipeline.config import Synthetic, params_from_dict
 from pipeline.data import layout
 from pipeline.data.datasets import ClipDataset, FrameDataset
 from pipeline.data.extract import MAX_OBJECTS, ExtractError, compose_strided, extract
@@ -161,3 +161,19 @@ def test_compose_strided_chains_translations():
     assert np.allclose(f[:, 1], 0.0)
     # pair 0 = native 0 -> 2 on frame 2's grid: hidden in frame 1 means hidden in frame 0 too
     assert np.allclose(v[0, :, :3], 0.0) and np.allclose(v[0, :, 5:], 1.0)
+
+
+def test_encode_is_byte_reproducible(tmp_path):
+    """Equal frames give equal mp4 bytes (DVC caches the download stage by content).
+
+    At 64x48 PyAV's implicit RGB -> YUV conversion inside encode() gave two different files in 12
+    runs; encode_video converts explicitly.
+    """
+    from pipeline.data.synthetic import render_video
+
+    frames, _, _ = render_video(10000, seed=0, synthetic=Synthetic(width=64, height=48, frames=8))
+    digests = set()
+    for i in range(12):
+        encode_video(tmp_path / f"{i}.mp4", frames)
+        digests.add((tmp_path / f"{i}.mp4").read_bytes())
+    assert len(digests) == 1
