@@ -199,22 +199,24 @@ def test_stage_failure_leaves_no_output(tmp_path, monkeypatch):
 def test_gt_occlusion_matches_renderer_visibility(tmp_path):
     """The forward-backward check on the renderer's exact flow vs its exact visibility (occluded = positive).
 
-    At native resolution with data.stride=3 (motions of a few px, so disoccluded bands are resolvable)
-    the pooled F1 over 8 videos is 0.885-0.911 across seeds 0-3; at the default 64x64, stride 1 it is
-    ~0.73 (most disocclusions are sub-pixel). Remaining misses: object-object occlusion with similar
-    motion and bilinear mixing at motion boundaries, both inherent to the check.
+    At native resolution, stride 1, the pooled F1 over 8 videos is 0.96-0.99 (precision >= 0.99) across
+    seeds 0-3 and at 128x96 and 192x128. Coarser settings are harder for the check itself, not for this
+    implementation: stride 2 gives 0.93-0.95 and stride 3 0.91-0.93 (strided exact flows are composed
+    with bilinear warps, which blur motion boundaries); the default 64x64 from 192x128 gives 0.61-0.71,
+    because most disoccluded bands are then narrower than a pixel (motion below sqrt(alpha2) px).
     """
     from pipeline.data.extract import extract
     from pipeline.data.synthetic import render_dataset
 
-    over = {"data": {"seed": 0, "videos": {"train": 1, "val": 0, "test": 8}, "frames": 6, "stride": 3,
+    over = {"data": {"seed": 0, "videos": {"train": 1, "val": 0, "test": 8}, "frames": 6, "stride": 1,
                      "resolution": [96, 128]},
-            "synthetic": {"width": 128, "height": 96, "frames": 16},
+            "synthetic": {"width": 128, "height": 96, "frames": 8},
             "eval": {"context": 2, "horizon": 2}, "model": {"context": 2}, "flow": {"backend": "gt"}}
     params = params_from_dict(merge(tiny_params_dict(), over))
     render_dataset(tmp_path / "raw", data=params.data, synthetic=params.synthetic)
     extract(tmp_path / "raw", tmp_path / "frames.h5", data=params.data)
     report = compute_flow(tmp_path / "frames.h5", tmp_path / "flow.h5", flow=params.flow, device=CPU)
     occ = report["quality"]["occlusion"]
-    assert report["quality"]["gt_occluded_fraction"] > 0.005
-    assert occ["f1"] >= 0.85 and occ["precision"] >= 0.85, occ
+    assert report["quality"]["gt_occluded_fraction"] > 0.002
+    assert report["quality"]["occlusion_from_exact_flow"] == occ  # backend gt: the same check on the same flows
+    assert occ["f1"] >= 0.9 and occ["precision"] >= 0.9, occ

@@ -55,18 +55,30 @@ def warp(x: Tensor, flow: Tensor) -> Tensor:
     return out.to(x.dtype).reshape(*lead, C, H, W)
 
 
+# A source pixel takes part in the forward-backward check when it carries at least this share of the
+# bilinear weight of the sample point (a sample exactly on a pixel centre has one source pixel).
+SOURCE_MIN_WEIGHT = 0.1
+
+
 def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float = 0.5,
               sharpness: float = 2.0, out_of_frame: bool = True) -> tuple[Tensor, Tensor]:
     """Forward-backward check (UnFlow) on frame t+1's grid -> (soft, hard) [*,1,H,W], 1 = visible in frame t.
 
     bwd [*,2,H,W] is the flow t+1 -> t on frame t+1's grid, fwd [*,2,H,W] the flow t -> t+1 on frame
-    t's grid. With w_f' = fwd warped by bwd, a pixel is visible (hard = 1) where
-    |bwd + w_f'|^2 < alpha1 * (|bwd|^2 + |w_f'|^2) + alpha2. With r = lhs / rhs, the soft score is
-    1 / (1 + r^sharpness) = sigmoid(-sharpness * log r): 1 for a perfectly consistent pixel, 0.5
-    exactly on the threshold, -> 0 for inconsistent ones.
+    t's grid. A pixel p of frame t+1 comes from the sub-pixel point q = p + bwd(p) of frame t; with
+    f_s = fwd at a source pixel s of q (one of the up to four pixels around q carrying at least
+    SOURCE_MIN_WEIGHT of its bilinear weight), p is visible (hard = 1) when for some s
+    |bwd + f_s|^2 < alpha1 * (|bwd|^2 + |f_s|^2) + alpha2. With r_s = lhs / rhs, the soft score is
+    max_s 1 / (1 + r_s^sharpness) = sigmoid(-sharpness * log r): 1 for a perfectly consistent pixel,
+    0.5 exactly on the threshold, -> 0 for inconsistent ones.
 
-    out_of_frame (default True): a pixel whose source x + bwd(x) lies outside frame t (beyond its
-    edge at -0.5 / W-0.5 px, the half-pixel convention of `resize_flow`) was not visible in frame t
+    Checking each source pixel instead of fwd interpolated at q matters at motion boundaries: there
+    the interpolated flow blends two motions that exist nowhere in the scene, and the blend fails
+    the check although the pixel is visible (on the renderer's exact flows this alone lowered the
+    occlusion F1 from 0.98 to 0.90). Where q is a pixel centre (static background) both agree.
+
+    out_of_frame (default True): a pixel whose source q lies outside frame t (beyond its edge at
+    -0.5 / W-0.5 px, the half-pixel convention of `resize_flow`) was not visible in frame t
     either; the border-padded check cannot see that (objects entering the view), so it is also
     marked occluded, with a 1 px soft ramp across the edge. soft = min(check, ramp), so always
     hard == (soft > 0.5).
@@ -81,19 +93,29 @@ def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float =
         raise ValueError(f"sharpness must be > 0, got {sharpness}")
     dtype = torch.promote_types(bwd.dtype, torch.float32)
     b = bwd.to(dtype)
-    f = warp(fwd.to(dtype), b)  # [*,2,H,W] forward flow seen from frame t+1's grid
-    lhs = (b + f).square().sum(dim=-3, keepdim=True)  # [*,1,H,W]
-    rhs = alpha1 * (b.square().sum(dim=-3, keepdim=True) + f.square().sum(dim=-3, keepdim=True)) + alpha2
-    ratio = lhs / rhs  # [*,1,H,W], < 1 where visible
-    hard = ratio < 1.0
-    soft = torch.reciprocal(1.0 + ratio.pow(sharpness))
+    f = fwd.to(dtype)
+    H, W = b.shape[-2:]
+    grid = base_grid(H, W, device=b.device, dtype=dtype)  # [2,H,W]
+    pos = grid + b  # [*,2,H,W] source point q in frame t, pixels
+    corner0 = pos.floor()
+    frac = pos - corner0  # [*,2,H,W] bilinear fractions (x, y)
+    b_sq = b.square().sum(dim=-3, keepdim=True)  # [*,1,H,W]
+    soft = torch.zeros_like(b_sq)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            offset = pos.new_tensor([dx, dy]).view(2, 1, 1)
+            weight = (frac if dx else 1 - frac)[..., 0:1, :, :] * (frac if dy else 1 - frac)[..., 1:2, :, :]
+            # warp at a pixel centre reads that pixel's forward flow exactly (border-clamped outside)
+            f_s = warp(f, corner0 + offset - grid)  # [*,2,H,W]
+            lhs = (b + f_s).square().sum(dim=-3, keepdim=True)  # [*,1,H,W]
+            rhs = alpha1 * (b_sq + f_s.square().sum(dim=-3, keepdim=True)) + alpha2
+            score = torch.reciprocal(1.0 + (lhs / rhs).pow(sharpness))  # > 0.5 where consistent
+            soft = torch.maximum(soft, torch.where(weight >= SOURCE_MIN_WEIGHT, score, torch.zeros_like(score)))
     if out_of_frame:
-        H, W = b.shape[-2:]
-        pos = base_grid(H, W, device=b.device, dtype=dtype) + b  # [*,2,H,W] source position in frame t
         inside = torch.minimum(pos + 0.5, pos.new_tensor([W - 0.5, H - 0.5]).view(2, 1, 1) - pos)  # [*,2,H,W]
         inside = inside.amin(dim=-3, keepdim=True)  # [*,1,H,W] signed distance to the frame edge, px
-        hard = hard & (inside > 0)
         soft = torch.minimum(soft, (inside + 0.5).clamp(0.0, 1.0))
+    hard = soft > 0.5
     return soft.to(bwd.dtype), hard.to(bwd.dtype)
 
 
