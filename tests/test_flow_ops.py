@@ -80,6 +80,21 @@ def test_occlusion_marks_exactly_the_disoccluded_band(d):
     assert soft[0, 0, 0, 0] == 1.0  # perfectly consistent static background
 
 
+def test_occlusion_checks_source_pixels_not_the_blended_flow():
+    """Half-pixel motion: the leading column's source point lies between the square's last column and the
+    background, where interpolated forward flow is half the motion; one source pixel is consistent."""
+    H, W, top, left, size, d = 16, 24, 4, 6, 6, 2.5
+    fwd = torch.zeros(1, 2, H, W)
+    fwd[0, 0, top:top + size, left:left + size] = d
+    bwd = torch.zeros(1, 2, H, W)
+    bwd[0, 0, top:top + size, left + 3:left + size + 3] = -d  # covers columns whose source is in [left+0.5, left+size-0.5]
+    soft, hard = occlusion(bwd, fwd)
+    assert torch.all(hard[0, 0, top:top + size, left + 3:left + size + 3] == 1)  # every square pixel is visible
+    blended = warp(fwd, bwd)[0, 0, top, left + size + 2]  # [] forward flow interpolated at the leading edge
+    assert blended == pytest.approx(d / 2)  # the blend alone would fail the check: (2.5 - 1.25)^2 > 0.5 + ...
+    assert torch.equal(soft > 0.5, hard == 1)
+
+
 def test_occlusion_small_motion_is_below_the_alpha2_threshold():
     fwd, bwd, _ = moving_square(d=1)
     _, hard = occlusion(bwd * 0.5, fwd * 0.5)  # 0.5 px of inconsistency: 0.25 < 0.5 -> visible
