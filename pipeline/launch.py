@@ -1,4 +1,7 @@
-"""Run a stage in one process, or under torchrun DDP when PIPELINE_NPROC > 1: `python -m pipeline.launch <stage>`.
+"""Run a stage in one process, or under torchrun when PIPELINE_NPROC > 1: `python -m pipeline.launch <stage>`.
+
+Training stages then train with DDP; flow and encode shard the videos across the processes and merge
+their files (pipeline.sharding). On one machine the processes are local workers (--standalone).
 
 The environment switch leaves dvc.yaml's cmd unchanged, so a DDP run and a single-process run of
 the same params share the DVC cache (they compute the same update: see pipeline/training.py).
@@ -7,7 +10,7 @@ import os
 import runpy
 import sys
 
-STAGES = ("train_vae", "train_flow_vae", "train_temporal")
+STAGES = ("flow", "train_vae", "train_flow_vae", "encode", "train_temporal")
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, Subset
 from pipeline.checkpoint import load_model, unwrap
 from pipeline.config import Params, to_dict
 from pipeline.data.datasets import ClipDataset
+from pipeline.distributed import is_main_process
 from pipeline.metrics import psnr
 from pipeline.models.temporal import NEEDS_FLOW_VAE, NEEDS_VAE, build_temporal
-from pipeline.training import TrainConfig, is_main_process, seed_everything, train, to_device
+from pipeline.training import TrainConfig, seed_everything, train, to_device
 
 CONTEXT_KEYS = ("frames", "z", "zf", "flow_bwd", "flow_fwd", "occ")
 

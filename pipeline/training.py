@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint, unwrap
+from pipeline.distributed import barrier, init_distributed
 from pipeline.io import resolve_device
 
 LossFn = Callable[..., dict]
@@ -86,39 +87,6 @@ class TrainResult:
     seconds: float                    # wall time of this process's training (excludes earlier runs)
     resumed_from: int | None          # step a resume checkpoint was loaded at, else None
     history: list[dict] = dataclasses.field(default_factory=list)  # every logged row
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed helpers
-
-def init_distributed() -> tuple[int, int, int]:
-    """Join the torchrun process group if WORLD_SIZE > 1; return (rank, world_size, local_rank)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and in a single-process run)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    """Wait for all ranks (no-op in a single-process run)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group if one was joined."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.config import Params, to_dict
 from pipeline.data.datasets import FlowFieldDataset, FrameDataset
+from pipeline.distributed import is_main_process
 from pipeline.io import atomic_path, resolve_device, write_json
 from pipeline.metrics import psnr, ssim
 from pipeline.models.flow_vae import MOVING_PX, FlowVAE, FlowVAEConfig, end_point_error, flow_vae_loss
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
-from pipeline.training import TrainConfig, is_main_process, seed_everything, train
+from pipeline.sharding import Shard, write_rows
+from pipeline.training import TrainConfig, seed_everything, train
 
 FIGURE_COLUMNS = 8        # test videos shown in a reconstruction figure (middle frame / flow field of each)
 PIXELS_PER_BATCH = 2 ** 21  # encode: frames (or flow fields) per forward pass = this / (H*W); 512 at 64x64
@@ -231,8 +233,11 @@ def train_flow_vae(params: Params) -> dict:
 
 @torch.no_grad()
 def encode_split(frames: h5py.Group, flow: h5py.Group, out: h5py.Group, *, vae: VAE, flow_vae: FlowVAE,
-                 device: torch.device, frames_path: Path, flow_path: Path) -> dict:
-    """Encode one split video-chunk by video-chunk into `out` (`z` [N,T,C,h,w], `zf` [N,T-1,Cf,h,w])."""
+                 device: torch.device, frames_path: Path, flow_path: Path, shard: Shard = Shard()) -> dict:
+    """Encode one split video-chunk by video-chunk into `out` (`z` [n,T,C,h,w], `zf` [n,T-1,Cf,h,w]).
+
+    n is the shard's share of the split's N videos (all of them by default, see pipeline.sharding).
+    """
     if "video" not in frames:
         raise KeyError(f"{frames_path}: split {frames.name!r} has no 'video' dataset")
     if "bwd" not in flow:
@@ -243,23 +248,31 @@ def encode_split(frames: h5py.Group, flow: h5py.Group, out: h5py.Group, *, vae: 
                          f"to match {frames_path} video {frames['video'].shape}")
     C, h, w = check_resolution(vae, (H, W), frames_path)
     Cf, hf, wf = check_resolution(flow_vae, (H, W), flow_path)
-    z = out.create_dataset("z", shape=(N, T, C, h, w), dtype="float32", chunks=(1, T, C, h, w))
-    zf = out.create_dataset("zf", shape=(N, T - 1, Cf, hf, wf), dtype="float32", chunks=(1, T - 1, Cf, hf, wf))
+    rows = shard.videos(N)  # global video index of each output row
+    n = len(rows)
+    write_rows(out, shard, rows)
+    z = out.create_dataset("z", shape=(n, T, C, h, w), dtype="float32", chunks=(1, T, C, h, w) if n else None)
+    zf = out.create_dataset("zf", shape=(n, T - 1, Cf, hf, wf), dtype="float32",
+                            chunks=(1, T - 1, Cf, hf, wf) if n else None)
     videos_per_batch = max(1, PIXELS_PER_BATCH // (H * W * T))
-    for v0 in range(0, N, videos_per_batch):
-        v1 = min(N, v0 + videos_per_batch)
-        video = torch.from_numpy(frames["video"][v0:v1]).to(device)  # uint8 [n,T,H,W,3]
-        x = video.permute(0, 1, 4, 2, 3).flatten(0, 1).float().div_(255.0)  # [n*T,3,H,W]
+    for v0 in range(0, n, videos_per_batch):
+        v1 = min(n, v0 + videos_per_batch)
+        pick = slice(rows[v0], rows[v1 - 1] + 1, shard.world)  # this chunk's videos, global indices
+        video = torch.from_numpy(frames["video"][pick]).to(device)  # uint8 [b,T,H,W,3]
+        x = video.permute(0, 1, 4, 2, 3).flatten(0, 1).float().div_(255.0)  # [b*T,3,H,W]
         z[v0:v1] = vae.encode(x)[0].float().reshape(v1 - v0, T, C, h, w).cpu().numpy()
-        bwd = torch.from_numpy(flow["bwd"][v0:v1].astype(np.float32)).to(device)  # [n,T-1,2,H,W]
-        mu = flow_vae.encode(bwd.flatten(0, 1))[0]  # [n*(T-1),Cf,hf,wf]
+        bwd = torch.from_numpy(flow["bwd"][pick].astype(np.float32)).to(device)  # [b,T-1,2,H,W]
+        mu = flow_vae.encode(bwd.flatten(0, 1))[0]  # [b*(T-1),Cf,hf,wf]
         zf[v0:v1] = mu.float().reshape(v1 - v0, T - 1, Cf, hf, wf).cpu().numpy()
     return {"videos": N, "z": [N, T, C, h, w], "zf": [N, T - 1, Cf, hf, wf]}
 
 
 def encode_latents(frames_h5: str | Path, flow_h5: str | Path, vae_path: str | Path, flow_vae_path: str | Path,
-                   out_h5: str | Path, *, device: str = "auto") -> dict:
-    """Write latents.h5: per split the frame VAE's mu of every frame and the flow VAE's mu of every `bwd` field."""
+                   out_h5: str | Path, *, device: str = "auto", shard: Shard = Shard()) -> dict:
+    """Write latents.h5: per split the frame VAE's mu of every frame and the flow VAE's mu of every `bwd` field.
+
+    `out_h5` is written atomically; with a `shard` of several, only its videos (pipeline.sharding).
+    """
     frames_h5, flow_h5 = Path(frames_h5), Path(flow_h5)
     for path in (frames_h5, flow_h5):
         if not path.is_file():
@@ -286,7 +299,7 @@ def encode_latents(frames_h5: str | Path, flow_h5: str | Path, vae_path: str | P
             for split in splits:
                 report["splits"][split] = encode_split(frames[split], flow[split], out.create_group(split), vae=vae,
                                                        flow_vae=flow_vae, device=dev, frames_path=frames_h5,
-                                                       flow_path=flow_h5)
+                                                       flow_path=flow_h5, shard=shard)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["device"] = str(dev)
     return report

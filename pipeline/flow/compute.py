@@ -19,6 +19,7 @@ from torch import Tensor
 from pipeline.config import Flow, params_hash, to_dict
 from pipeline.flow.backends import BackendInfo, FlowBackend, FlowBackendError, PairBatch, build_backend
 from pipeline.flow.ops import occlusion
+from pipeline.sharding import Shard, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,14 @@ class QualityAccumulator:
         _count(self.occ, hard[:, 0] < 0.5, ~gt_vis)
         _, gt_hard = occlusion(gt_bwd, gt_fwd, alpha1=self.alpha1, alpha2=self.alpha2)
         _count(self.occ_gt_flow, gt_hard[:, 0] < 0.5, ~gt_vis)
+
+    def merge(self, other: "QualityAccumulator") -> None:
+        """Add another shard's counts and sums."""
+        for f in ("pixels", "visible", "epe_bwd", "epe_bwd_visible", "epe_fwd", "outliers_bwd"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        for name in ("occ", "occ_gt_flow"):
+            for k in ("tp", "fp", "fn"):
+                getattr(self, name)[k] += getattr(other, name)[k]
 
     def result(self) -> dict:
         n, v = max(self.pixels, 1), max(self.visible, 1)
@@ -117,7 +126,7 @@ def _has_gt(group: h5py.Group) -> bool:
 
 
 def _pair_runs(N: int, P: int, batch: int):
-    """Yield lists of (video, t0, t1) runs covering `batch` consecutive pairs of the flattened [N, P] grid."""
+    """Yield lists of (row, t0, t1) runs covering `batch` consecutive pairs of the flattened [N, P] grid."""
     total = N * P
     for k0 in range(0, total, batch):
         k1 = min(k0 + batch, total)
@@ -131,6 +140,7 @@ def _pair_runs(N: int, P: int, batch: int):
 
 
 def _read_batch(group: h5py.Group, runs, with_gt: bool) -> tuple[PairBatch, np.ndarray | None]:
+    """The pairs of `runs` ((video, t0, t1), global video indices) and their exact visibility if any."""
     clips, gf, gb, gv = [], [], [], []
     for n, t0, t1 in runs:
         clips.append(group["video"][n, t0:t1 + 1])  # [L+1,H,W,3]
@@ -145,12 +155,15 @@ def _read_batch(group: h5py.Group, runs, with_gt: bool) -> tuple[PairBatch, np.n
 
 
 def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, device: torch.device,
-                 backend: tuple[FlowBackend, BackendInfo] | None = None, figure_pairs: int = 4) -> dict:
+                 backend: tuple[FlowBackend, BackendInfo] | None = None, figure_pairs: int = 4,
+                 shard: Shard = Shard()) -> dict:
     """Write flow.h5 at `out_path` (a path the caller makes atomic) from frames.h5; return the report.
 
     The report has `backend_info`, `pairs`, `seconds`, `pairs_per_s`, per-split `visible_fraction`,
     `quality` on the test split when frames.h5 carries exact flow (else None), and `examples`
     (arrays for the figure: frames, flows, masks of the middle pair of the first `figure_pairs` test videos).
+    With a `shard` of several, only its videos are computed and written (with their global rows, see
+    pipeline.sharding); `merge_flow_reports` combines the shards' reports.
     """
     frames_path, out_path = Path(frames_path), Path(out_path)
     if not frames_path.is_file():
@@ -181,9 +194,12 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
             out.attrs["frames_params_hash"] = str(frames.attrs.get("params_hash", ""))
             for split in splits:
                 group = frames[split]
-                N, T, H, W, _ = group["video"].shape
+                N_all, T, H, W, _ = group["video"].shape
                 P = T - 1
+                rows = shard.videos(N_all)  # global video index of each output row
+                N = len(rows)
                 og = out.create_group(split)
+                write_rows(og, shard, rows)
                 chunk = dict(chunks=(1, 1, 2, H, W)) if N else {}
                 d_fwd = og.create_dataset("fwd", shape=(N, P, 2, H, W), dtype=np.float16, **chunk)
                 d_bwd = og.create_dataset("bwd", shape=(N, P, 2, H, W), dtype=np.float16, **chunk)
@@ -194,7 +210,7 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
                        if split == EVAL_SPLIT and with_gt and "gt_vis" in group else None)
                 vis_sum, examples = 0.0, []
                 for runs in _pair_runs(N, P, flow.batch):
-                    pairs, gt_vis = _read_batch(group, runs, with_gt)
+                    pairs, gt_vis = _read_batch(group, [(rows[n], t0, t1) for n, t0, t1 in runs], with_gt)
                     fwd, bwd = backend_(pairs)  # [B,2,H,W] float32 each
                     soft, hard = occlusion(bwd, fwd, alpha1=flow.occ_alpha1, alpha2=flow.occ_alpha2)  # [B,1,H,W]
                     fwd16 = fwd.to(torch.float16).cpu().numpy()
@@ -213,22 +229,50 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
                         gv = torch.from_numpy(gt_vis >= 128).to(device)
                         acc.update(fwd.to(device), bwd.to(device), hard.to(device), gf, gb, gv)
                     if split == EVAL_SPLIT:
-                        wanted = {(n, P // 2) for n in range(min(figure_pairs, N))}  # mid pair of the first videos
-                        idx = [i for i, (n, t) in enumerate(_pair_ids(runs)) if (n, t) in wanted]
+                        ids = [(rows[n], t) for n, t in _pair_ids(runs)]  # (global video, t) of each pair
+                        idx = [i for i, (n, t) in enumerate(ids) if n < figure_pairs and t == P // 2]  # mid pairs
                         if idx:
-                            examples.append(_examples(pairs, fwd, bwd, soft, gt_vis, idx))
+                            examples.append({"video": np.array([ids[i][0] for i in idx]),
+                                             **_examples(pairs, fwd, bwd, soft, gt_vis, idx)})
                     total_pairs += len(pairs)
-                report["splits"][split] = {"videos": N, "pairs": N * P,
+                report["splits"][split] = {"videos": N, "pairs": N * P, "visible_sum": vis_sum, "pixels": N * P * H * W,
                                            "visible_fraction": vis_sum / max(N * P * H * W, 1)}
                 if acc is not None:
                     report["quality"] = {"split": split, **acc.result()}
+                    report["accumulator"] = acc
                 if examples:
                     report["examples"] = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
                 log.info("flow: %s done (%d pairs)", split, N * P)
         seconds = time.perf_counter() - t_start
     report.update(pairs=total_pairs, seconds=seconds, pairs_per_s=total_pairs / max(seconds, 1e-9),
-                  torch_threads=torch.get_num_threads())
+                  torch_threads=torch.get_num_threads(), ranks=shard.world)
     return report
+
+
+def merge_flow_reports(reports: list[dict]) -> dict:
+    """One report from the shards' reports (rank order): counts summed, quality recomputed, wall time = slowest."""
+    if len(reports) == 1:
+        return reports[0]
+    out = dict(reports[0])
+    out["splits"] = {}
+    for split in reports[0]["splits"]:
+        total = {k: sum(r["splits"][split][k] for r in reports) for k in ("videos", "pairs", "visible_sum", "pixels")}
+        out["splits"][split] = {**total, "visible_fraction": total["visible_sum"] / max(total["pixels"], 1)}
+    accs = [r["accumulator"] for r in reports if r.get("accumulator") is not None]
+    if accs:
+        total = QualityAccumulator(accs[0].alpha1, accs[0].alpha2)
+        for acc in accs:
+            total.merge(acc)
+        out["accumulator"] = total
+        out["quality"] = {"split": reports[0]["quality"]["split"], **total.result()}
+    examples = [r["examples"] for r in reports if r["examples"] is not None]
+    if examples:
+        order = np.argsort(np.concatenate([e["video"] for e in examples]), kind="stable")
+        out["examples"] = {k: np.concatenate([e[k] for e in examples])[order] for k in examples[0]}
+    out["pairs"] = sum(r["pairs"] for r in reports)
+    out["seconds"] = max(r["seconds"] for r in reports)
+    out["pairs_per_s"] = out["pairs"] / max(out["seconds"], 1e-9)
+    return out
 
 
 def _pair_ids(runs):
@@ -302,7 +346,9 @@ def flow_report(report: dict, flow: Flow) -> dict:
         "seconds": round(report["seconds"], 3),
         "pairs_per_s": round(report["pairs_per_s"], 3),
         "torch_threads": report["torch_threads"],
-        "splits": report["splits"],
+        "ranks": report["ranks"],
+        "splits": {name: {k: split[k] for k in ("videos", "pairs", "visible_fraction")}
+                   for name, split in report["splits"].items()},
         "params": to_dict(flow),
     }
     if q is None:

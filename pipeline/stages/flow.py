@@ -1,17 +1,28 @@
-"""Stage flow: data/frames.h5 -> data/flow.h5, reports/flow/metrics.json, reports/flow/figures/flow.png."""
+"""Stage flow: data/frames.h5 -> data/flow.h5, reports/flow/metrics.json, reports/flow/figures/flow.png.
+
+Under torchrun (PIPELINE_NPROC=N, see pipeline.launch) each rank computes every N-th video and rank 0
+merges the shards into data/flow.h5 (pipeline.sharding).
+"""
 import logging
 
 from pipeline.config import load_params
-from pipeline.flow.compute import compute_flow, flow_report, save_figure
+from pipeline.distributed import shutdown_distributed
+from pipeline.flow.compute import compute_flow, flow_report, merge_flow_reports, save_figure
 from pipeline.io import atomic_path, resolve_device, write_json
+from pipeline.sharding import run_sharded
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
-    device = resolve_device(params.device)
-    with atomic_path(params.paths.flow) as tmp:
-        report = compute_flow(params.paths.frames, tmp, flow=params.flow, device=device)
+    try:
+        reports = run_sharded(params.paths.flow, lambda path, shard: compute_flow(
+            params.paths.frames, path, flow=params.flow, device=resolve_device(params.device), shard=shard))
+    finally:
+        shutdown_distributed()
+    if reports is None:  # not rank 0
+        return
+    report = merge_flow_reports(reports)
     metrics = flow_report(report, params.flow)
     report_dir = params.paths.report_dir("flow")
     (report_dir / "figures").mkdir(parents=True, exist_ok=True)  # a DVC out even when there is no figure
@@ -23,7 +34,7 @@ def main() -> None:
     quality = f", test EPE {q['epe']:.3f} px, occlusion F1 {q['occlusion']['f1']}" if q else ""
     fallback = f" (FALLBACK from {metrics['backend']}: {metrics['fallback_reason']})" if metrics["fallback_reason"] else ""
     print(f"flow: {metrics['backend_used']}{fallback} on {metrics['device']}, {metrics['pairs']} pairs, "
-          f"{metrics['pairs_per_s']:.1f} pairs/s{quality} -> {params.paths.flow}")
+          f"{metrics['pairs_per_s']:.1f} pairs/s{quality}, {metrics['ranks']} rank(s) -> {params.paths.flow}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage train_flow_vae: flow.h5 `bwd` train split -> models/flow_vae.pt, reports/flow_vae/ (test EPE, figure)."""
 from pipeline.config import load_params
-from pipeline.training import shutdown_distributed
+from pipeline.distributed import shutdown_distributed
 from pipeline.vae_training import train_flow_vae
 
 

@@ -4,7 +4,7 @@ import json
 from pipeline.config import load_params
 from pipeline.io import write_json
 from pipeline.temporal import train_temporal
-from pipeline.training import shutdown_distributed
+from pipeline.distributed import shutdown_distributed
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Stage train_vae: frames.h5 train split -> models/vae.pt, reports/vae/ (test PSNR/SSIM, recon.png)."""
 from pipeline.config import load_params
-from pipeline.training import shutdown_distributed
+from pipeline.distributed import shutdown_distributed
 from pipeline.vae_training import train_vae
 
 
