@@ -276,7 +276,7 @@ def merge_flow_reports(reports: list[dict]) -> dict:
 
 
 def _pair_ids(runs):
-    """(video, t) of each pair of a batch, in batch order."""
+    """(row, t) of each pair of a batch, in batch order (row: index among the shard's videos)."""
     return [(n, t) for n, t0, t1 in runs for t in range(t0, t1)]
 
 
