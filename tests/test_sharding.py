@@ -22,8 +22,8 @@ from pipeline.models.vae import VAE, VAEConfig
 from pipeline.sharding import ROWS, Shard, ShardError, merge_shards, shard_path
 from pipeline.vae_training import encode_latents
 
+from test_encode import inputs  # noqa: F401  (fixture: tiny frames.h5, flow.h5 and VAE checkpoints)
 from test_flow_stage import write_frames_h5
-from test_vae import write_tiny_flow, write_tiny_frames
 
 CPU = torch.device("cpu")
 
@@ -82,22 +82,8 @@ def test_flow_shards_merge_into_the_single_process_file(tmp_path, backend):
         np.testing.assert_array_equal(value, merged["examples"][key], err_msg=key)
 
 
-@pytest.fixture
-def encode_inputs(tmp_path):
-    splits = {"train": 3, "val": 1, "test": 2}
-    write_tiny_frames(tmp_path / "frames.h5", splits=splits, frames=6, size=16)
-    write_tiny_flow(tmp_path / "flow.h5", splits=splits, frames=6, size=16)
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(hidden=16, latent_channels=4, downsample=4, patch=2))
-    fvae = FlowVAE(FlowVAEConfig(hidden=8, latent_channels=2, downsample=2, patch=1, flow_scale=1.5))
-    save_checkpoint(tmp_path / "vae.pt", make_checkpoint(kind="vae", model=vae, model_args=vae.config.to_dict(), step=1))
-    save_checkpoint(tmp_path / "flow_vae.pt", make_checkpoint(kind="flow_vae", model=fvae,
-                                                              model_args=fvae.config.to_dict(), step=1))
-    return tmp_path
-
-
-def test_encode_shards_merge_into_the_single_process_file(encode_inputs):
-    tmp = encode_inputs
+def test_encode_shards_merge_into_the_single_process_file(inputs):
+    tmp, _, _ = inputs
     args = (tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt")
     encode_latents(*args, tmp / "latents.h5", device="cpu")
     out = tmp / "sharded.h5"
