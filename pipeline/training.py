@@ -29,7 +29,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
