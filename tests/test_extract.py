@@ -163,17 +163,20 @@ def test_compose_strided_chains_translations():
     assert np.allclose(v[0, :, :3], 0.0) and np.allclose(v[0, :, 5:], 1.0)
 
 
-def test_encode_is_byte_reproducible(tmp_path):
-    """Equal frames give equal mp4 bytes (DVC caches the download stage by content).
+def test_encode_is_lossless_so_decoding_is_reproducible(tmp_path):
+    """Equal frames decode to equal frames: exactly their yuv420p conversion, whatever bytes libx264 emits.
 
-    At 64x48 PyAV's implicit RGB -> YUV conversion inside encode() gave two different files in 12
-    runs; encode_video converts explicitly.
+    At crf 12 this libx264 gave 5 different files in 60 encodes of this clip (decoded pixels off by
+    up to 7 levels); DVC caches the download stage's output, so the synthetic data must be reproducible.
     """
+    import av
+
     from pipeline.data.synthetic import render_video
+    from pipeline.data.video import decode_video
 
     frames, _, _ = render_video(10000, seed=0, synthetic=Synthetic(width=64, height=48, frames=8))
-    digests = set()
+    yuv420 = np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")
+                       .reformat(format="rgb24").to_ndarray() for f in frames])  # [T,H,W,3] what yuv420p keeps
     for i in range(12):
         encode_video(tmp_path / f"{i}.mp4", frames)
-        digests.add((tmp_path / f"{i}.mp4").read_bytes())
-    assert len(digests) == 1
+        np.testing.assert_array_equal(decode_video(tmp_path / f"{i}.mp4"), yuv420)
