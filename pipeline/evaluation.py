@@ -1,32 +1,37 @@
-"""Evaluation of predictions.h5 against the true test frames: per-step and mean PSNR / SSIM / LPIPS, collisions.
+"""The evaluate stage's work: score predictions.h5 against the true frames, with bootstrap intervals over videos.
 
-Writes (DESIGN §7):
-    reports/metrics.json          small, for `dvc metrics show/diff`: one object per method (psnr, ssim, lpips,
-                                  psnr_step1, ssim_step1), collision {ap, f1}, arch, ttt_gain_psnr, notes
-    reports/evaluate/details.json per-step curves of every metric and method, timing, TTT statistics
-    reports/plots/<metric>.tsv    long format (step, <metric>, method) for `dvc plots`; <metric>.png
-    reports/figures/              strips (context | truth | prediction | error) and GIFs of test videos
+Writes (DESIGN §7, docs/EVALUATION.md):
+    reports/metrics.json            flat numbers for `dvc metrics show/diff`: per method the mean and the 95%
+                                    interval of psnr, ssim, lpips over the horizon and psnr_step1, ssim_step1;
+                                    the paired differences (model - each baseline, model_ttt - model) with
+                                    their intervals; collision scores; split, arch, flow backend, notes
+    reports/evaluate/details.json   per-step curves (mean, lo, hi) of every metric and method, collision
+                                    counts, TTT statistics
+    reports/evaluate/per_video.json every video's score per method and metric (what pr_report pairs across
+                                    revisions)
+    reports/plots/<metric>.tsv/.png per-step curves for `dvc plots`
+    reports/figures/                strips (context | truth | predictions | error) and GIFs
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 import torch
 
-from pipeline.inference import METHODS
-from pipeline.io import write_json
-from pipeline.metrics import (LPIPSUnavailable, average_precision, f1_score, load_lpips, lpips_distance, psnr,
-                              ssim)
+from pipeline.io import open_h5, write_json
+from pipeline.metrics import (LPIPSUnavailable, average_precision, best_f1, event_recall, f1_score, load_lpips,
+                              lpips_distance, psnr, ssim)
+from pipeline.predictions import KINDS, METHODS, read_attrs
+from pipeline.stats import Interval, bootstrap_mean, paired_difference, resample_indices
 
-__all__ = ["IMAGE_METRICS", "PLOT_METRICS", "score_predictions", "summarize", "evaluate"]
+__all__ = ["IMAGE_METRICS", "SCORES", "PAIRS", "score_predictions", "summarize", "write_plot_tables", "evaluate"]
 
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
-PLOT_METRICS = IMAGE_METRICS
+SCORES = ("psnr", "ssim", "lpips", "psnr_step1", "ssim_step1")  # per method in metrics.json
+PAIRS = (("model", "copy_last"), ("model", "flow_extrap"), ("model", "flow_advect"), ("model_ttt", "model"))
 DECIMALS = 5
 
 
@@ -41,32 +46,31 @@ def _round(x: float | None) -> float | None:
 
 def score_predictions(pred_h5: str | Path, frames_h5: str | Path, *, lpips_model: torch.nn.Module | None,
                       chunk: int = 8, log: Callable[[str], None] = print) -> dict:
-    """Per-video, per-step scores of every method in predictions.h5: {method: {metric: [N,horizon]}}.
+    """Per-video, per-step scores of every method: {'scores': {method: {metric: [N,horizon]}}, ...}.
 
-    Metrics: psnr, ssim, lpips (rollout; lpips only with a model) and psnr_step1, ssim_step1 (1-step
-    predictions with real history). Also returns the attrs, the collision logits and labels.
+    Metrics: psnr, ssim, lpips (rollout; lpips only with a model) and psnr_step1, ssim_step1 (each frame
+    from real history). Also returns the attrs, video ids and the collision logits with their labels.
     """
     pred_h5, frames_h5 = Path(pred_h5), Path(frames_h5)
-    with h5py.File(pred_h5, "r") as p, h5py.File(frames_h5, "r") as fr:
-        attrs = {k: (json.loads(v) if k in ("methods", "ttt", "timing", "settings") else v)
-                 for k, v in p.attrs.items()}
-        for key in ("methods", "context", "horizon", "split"):
-            if key not in attrs:
-                raise ValueError(f"{pred_h5}: attribute {key!r} missing; was it written by the infer stage?")
-        C, Hz, split = int(attrs["context"]), int(attrs["horizon"]), str(attrs["split"])
+    with open_h5(pred_h5, what="predictions") as p, open_h5(frames_h5, what="frames file") as fr:
+        attrs = read_attrs(p, pred_h5)
+        C, Hz, split, mc = int(attrs["context"]), int(attrs["horizon"]), str(attrs["split"]), int(attrs["model_context"])
         methods = list(attrs["methods"])
+        if not attrs.get("teacher_forced", True):
+            raise ValueError(f"{pred_h5} holds rollouts only (teacher_forced=False); evaluate needs the full infer run")
         if split not in fr:
             raise ValueError(f"{frames_h5}: no split {split!r} (predictions were made on it)")
         group = fr[split]
         ids = p["video_index"][:]
-        N = ids.shape[0]
+        N, T = ids.shape[0], group["video"].shape[1]
         if group["video"].shape[0] != N or not np.array_equal(group["video_index"][:], ids):
             raise ValueError(f"{pred_h5} was predicted for other {split} videos than {frames_h5} holds "
                              f"({N} vs {group['video'].shape[0]}); re-run infer")
-        if group["video"].shape[1] < C + Hz:
-            raise ValueError(f"{frames_h5}: {group['video'].shape[1]} frames per video < context + horizon = {C + Hz}")
+        if T < C + Hz or T != int(attrs["frames"]):
+            raise ValueError(f"{frames_h5}: {T} frames per video, predictions.h5 was made for {attrs['frames']} "
+                             f"(context + horizon = {C + Hz}); re-run infer")
         for m in methods:
-            for kind in ("rollout", "step1"):
+            for kind in KINDS:
                 shape = p[m][kind].shape
                 if shape[:2] != (N, Hz) or shape[2:] != group["video"].shape[2:]:
                     raise ValueError(f"{pred_h5}: {m}/{kind} has shape {shape}, expected "
@@ -77,74 +81,132 @@ def score_predictions(pred_h5: str | Path, frames_h5: str | Path, *, lpips_model
             rows = slice(s, min(N, s + chunk))
             truth = _frames(group["video"][rows, C:C + Hz])  # [b,Hz,3,H,W]
             for m in methods:
-                roll = _frames(p[m]["rollout"][rows])
-                one = _frames(p[m]["step1"][rows])
+                roll, one = _frames(p[m]["rollout"][rows]), _frames(p[m]["step1"][rows])
                 scores[m]["psnr"][rows] = psnr(roll, truth).numpy()
                 scores[m]["ssim"][rows] = ssim(roll, truth).numpy()
                 scores[m]["psnr_step1"][rows] = psnr(one, truth).numpy()
                 scores[m]["ssim_step1"][rows] = ssim(one, truth).numpy()
                 if lpips_model is not None:
                     scores[m]["lpips"][rows] = lpips_distance(lpips_model, roll, truth).numpy()
-            log(f"evaluate: scored {rows.stop}/{N} videos")
-        collision = {m: p[m]["collision"][:] for m in methods if "collision" in p[m]}
-        labels = group["collision"][:, C:C + Hz].astype(np.int64)
-        ttt_losses = ({k: p["model_ttt"][k][:] for k in ("ttt_loss_before", "ttt_loss_after", "ttt_steps")}
-                      if "model_ttt" in p else None)
-    return {"attrs": attrs, "methods": methods, "scores": scores, "collision_logits": collision,
-            "collision_labels": labels, "video_index": ids, "ttt_losses": ttt_losses}
+            log(f"evaluate: scored {rows.stop}/{N} {split} videos")
+        labels = group["collision"][:].astype(np.int64)  # [N,T]
+        collision = {"rollout": {m: p[m]["collision"][:] for m in methods if "collision" in p[m]},
+                     "rollout_labels": labels[:, C:C + Hz],
+                     "teacher": p["model"]["collision_teacher"][:] if "collision_teacher" in p["model"] else None,
+                     "teacher_labels": labels[:, mc:]}
+        ttt = ({k: p["model_ttt"][k][:] for k in ("ttt_loss_before", "ttt_loss_after", "ttt_steps")}
+               if "model_ttt" in p else None)
+    return {"attrs": attrs, "methods": methods, "scores": scores, "collision": collision, "video_index": ids,
+            "ttt_losses": ttt}
 
 
-def summarize(scored: dict, *, collision_threshold: float, lpips_note: str | None) -> tuple[dict, dict]:
-    """(metrics.json content, details.json content) from score_predictions' output."""
+def _interval_fields(name: str, iv: Interval | None) -> dict:
+    if iv is None:
+        return {name: None, f"{name}_lo": None, f"{name}_hi": None}
+    return {name: _round(iv.mean), f"{name}_lo": _round(iv.lo), f"{name}_hi": _round(iv.hi)}
+
+
+def _per_video(scores: dict, metric: str) -> np.ndarray | None:
+    """[N] horizon mean of a per-step score, or None when it was not computed."""
+    return scores[metric].mean(axis=1) if metric in scores else None
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def collision_metrics(logits_teacher: np.ndarray | None, labels_teacher: np.ndarray, logits_rollout: np.ndarray | None,
+                      labels_rollout: np.ndarray, *, threshold: float) -> tuple[dict, str | None]:
+    """Collision head scores on every frame with real history (teacher-forced) and on the rollout horizon.
+
+    Each with the prevalence (share of frames where a collision starts), which is also the AP of a
+    constant predictor, so an AP means something only well above it. Returns (scores, note).
+    """
+    out, note = {}, None
+    for prefix, logits, labels in (("", logits_teacher, labels_teacher), ("rollout_", logits_rollout, labels_rollout)):
+        prevalence = float(labels.mean()) if labels.size else None
+        fields = {"ap": None, "ap_constant": _round(prevalence), "prevalence": _round(prevalence), "f1": None}
+        if prefix == "":
+            fields.update(best_f1=None, best_f1_threshold=None, event_recall=None, events=int(labels.sum()),
+                          frames=int(labels.size))
+        if logits is not None and labels.any():
+            prob = _sigmoid(logits)
+            fields["ap"] = _round(average_precision(prob, labels))
+            fields["f1"] = _round(f1_score(prob, labels, threshold=threshold))
+            if prefix == "":
+                best, at = best_f1(prob, labels)
+                fields.update(best_f1=_round(best), best_f1_threshold=_round(at),
+                              event_recall=_round(event_recall(prob, labels, threshold=threshold, tolerance=1)))
+        elif logits is not None:
+            note = f"no collision starts in the scored {'rollout horizon' if prefix else 'frames'}"
+        out.update({prefix + k: v for k, v in fields.items()})
+    return out, note
+
+
+def summarize(scored: dict, *, collision_threshold: float, lpips_note: str | None, resamples: int, level: float,
+              seed: int) -> tuple[dict, dict, dict]:
+    """(metrics.json, details.json, per_video.json contents) from score_predictions' output."""
     attrs, scores = scored["attrs"], scored["scores"]
-    metrics: dict = {"arch": str(attrs.get("arch", ""))}
-    details: dict = {"context": int(attrs["context"]), "horizon": int(attrs["horizon"]), "split": attrs["split"],
-                     "videos": int(len(scored["video_index"])), "per_step": {}}
+    N = len(scored["video_index"])
+    draws = resample_indices(N, resamples=resamples, seed=seed)
+    metrics: dict = {"arch": str(attrs.get("arch", "")), "split": str(attrs["split"]), "videos": N,
+                     "context": int(attrs["context"]), "horizon": int(attrs["horizon"]),
+                     "flow_backend": str(attrs.get("flow_backend", ""))}
+    details: dict = {"split": attrs["split"], "videos": N, "context": int(attrs["context"]),
+                     "horizon": int(attrs["horizon"]), "interval": {"kind": "percentile bootstrap over videos",
+                                                                   "resamples": resamples, "level": level, "seed": seed},
+                     "per_step": {}}
+    per_video: dict = {"split": attrs["split"], "video_index": [int(i) for i in scored["video_index"]], "scores": {}}
     for m in METHODS:
+        fields: dict = {}
+        for metric in SCORES:
+            values = _per_video(scores[m], metric) if m in scores else None
+            fields.update(_interval_fields(metric, bootstrap_mean(values, draws, level=level)
+                                           if values is not None else None))
+        metrics[m] = fields
         if m not in scores:
-            metrics[m] = {k: None for k in ("psnr", "ssim", "lpips", "psnr_step1", "ssim_step1")}
             continue
-        s = scores[m]
-        metrics[m] = {
-            "psnr": _round(s["psnr"].mean()), "ssim": _round(s["ssim"].mean()),
-            "lpips": _round(s["lpips"].mean()) if "lpips" in s else None,
-            "psnr_step1": _round(s["psnr_step1"].mean()), "ssim_step1": _round(s["ssim_step1"].mean()),
-        }
-        details["per_step"][m] = {k: [_round(v) for v in arr.mean(axis=0)] for k, arr in s.items()}
-    logits = scored["collision_logits"].get("model")
-    labels = scored["collision_labels"]
-    if logits is not None:
-        prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        ap = average_precision(prob, labels)
-        f1 = f1_score(prob, labels, threshold=collision_threshold)
-        metrics["collision"] = {"ap": _round(ap), "f1": _round(f1)}
-        if ap is None:
-            metrics["collision_note"] = "no collision starts within the evaluated horizon of the test videos"
-        details["collision"] = {"positives": int(labels.sum()), "frames": int(labels.size),
-                                "threshold": collision_threshold}
-        if "model_ttt" in scored["collision_logits"]:
-            prob_ttt = 1.0 / (1.0 + np.exp(-scored["collision_logits"]["model_ttt"].astype(np.float64)))
-            details["collision"]["ap_ttt"] = _round(average_precision(prob_ttt, labels))
-            details["collision"]["f1_ttt"] = _round(f1_score(prob_ttt, labels, threshold=collision_threshold))
-    else:
-        metrics["collision"] = {"ap": None, "f1": None}
-    ttt = attrs.get("ttt", {})
-    if metrics["model_ttt"]["psnr"] is not None and metrics["model"]["psnr"] is not None:
-        metrics["ttt_gain_psnr"] = _round(metrics["model_ttt"]["psnr"] - metrics["model"]["psnr"])
-    else:
-        metrics["ttt_gain_psnr"] = None
+        per_video["scores"][m] = {k: [_round(v) for v in arr.mean(axis=1)] for k, arr in scores[m].items()}
+        curves = {}
+        for metric, arr in scores[m].items():
+            steps = [bootstrap_mean(arr[:, t], draws, level=level) for t in range(arr.shape[1])]
+            curves[metric] = [_round(iv.mean) for iv in steps]
+            curves[f"{metric}_lo"] = [_round(iv.lo) for iv in steps]
+            curves[f"{metric}_hi"] = [_round(iv.hi) for iv in steps]
+        details["per_step"][m] = curves
+    for a, b in PAIRS:
+        fields = {}
+        for metric in SCORES:
+            ok = a in scores and b in scores and metric in scores[a] and metric in scores[b]
+            fields.update(_interval_fields(metric, paired_difference(_per_video(scores[a], metric),
+                                                                     _per_video(scores[b], metric), draws, level=level)
+                                           if ok else None))
+        metrics[f"{a}_minus_{b}"] = fields
+    col = scored["collision"]
+    metrics["collision"], collision_note = collision_metrics(
+        col["teacher"], col["teacher_labels"], col["rollout"].get("model"), col["rollout_labels"],
+        threshold=collision_threshold)
+    details["collision"] = {"threshold": collision_threshold, "tolerance_frames": 1,
+                            "teacher_frames_from": int(attrs["model_context"]),
+                            "rollout_ttt_ap": (_round(average_precision(_sigmoid(col["rollout"]["model_ttt"]),
+                                                                        col["rollout_labels"]))
+                                               if "model_ttt" in col["rollout"] and col["rollout_labels"].any()
+                                               else None)}
+    ttt = dict(attrs.get("ttt", {}))
+    if collision_note:
+        metrics["collision_note"] = collision_note
+    if "model_ttt" not in scores:
         metrics["ttt_note"] = ttt.get("reason") or "no model_ttt predictions"
     if ttt.get("warning"):
         metrics["ttt_note"] = ttt["warning"]
     if lpips_note:
         metrics["lpips_note"] = lpips_note
-    details["ttt"] = ttt
     if scored["ttt_losses"] is not None:
-        details["ttt"]["per_video_loss_before"] = [_round(x) for x in scored["ttt_losses"]["ttt_loss_before"]]
-        details["ttt"]["per_video_loss_after"] = [_round(x) for x in scored["ttt_losses"]["ttt_loss_after"]]
-    details["timing"] = attrs.get("timing", {})
+        ttt["per_video_loss_before"] = [_round(x) for x in scored["ttt_losses"]["ttt_loss_before"]]
+        ttt["per_video_loss_after"] = [_round(x) for x in scored["ttt_losses"]["ttt_loss_after"]]
+    details["ttt"] = ttt
     details["lpips_note"] = lpips_note
-    return metrics, details
+    return metrics, details, per_video
 
 
 def write_plot_tables(details: dict, plots_dir: str | Path) -> list[Path]:
@@ -153,7 +215,7 @@ def write_plot_tables(details: dict, plots_dir: str | Path) -> list[Path]:
 
     plots_dir = Path(plots_dir)
     written = []
-    for metric in PLOT_METRICS:
+    for metric in IMAGE_METRICS:
         lines = [f"step\t{metric}\tmethod"]
         for method, curves in details["per_step"].items():
             for step, value in enumerate(curves.get(metric) or [], start=1):
@@ -167,7 +229,7 @@ def write_plot_tables(details: dict, plots_dir: str | Path) -> list[Path]:
 
 
 def evaluate(params, *, log: Callable[[str], None] = print) -> dict:
-    """The evaluate stage: score predictions.h5, write metrics.json, details, plots and figures."""
+    """The evaluate stage: score predictions.h5, write metrics.json, details, per-video scores, plots, figures."""
     from pipeline.io import resolve_device
     from pipeline.report import plot_curves, write_figures
 
@@ -180,14 +242,20 @@ def evaluate(params, *, log: Callable[[str], None] = print) -> dict:
         lpips_note = str(e)
         log(f"evaluate: LPIPS reported as null: {lpips_note}")
     scored = score_predictions(paths.predictions, paths.frames, lpips_model=lpips_model, log=log)
-    metrics, details = summarize(scored, collision_threshold=ev.collision_threshold, lpips_note=lpips_note)
-    details["protocol"] = ev.protocol
-    details["lpips_net"] = ev.lpips_net
+    if scored["attrs"]["split"] != ev.split:
+        raise ValueError(f"{paths.predictions} holds {scored['attrs']['split']} predictions, params say eval.split="
+                         f"{ev.split}; re-run infer")
+    metrics, details, per_video = summarize(scored, collision_threshold=ev.collision_threshold, lpips_note=lpips_note,
+                                            resamples=ev.bootstrap, level=ev.confidence, seed=ev.seed)
+    metrics["lpips_net"] = ev.lpips_net
+    details.update(protocol=ev.protocol, lpips_net=ev.lpips_net)
     reports = Path(paths.reports)
     write_plot_tables(details, reports / "plots")
     plot_curves(details, reports / "plots")
     write_figures(paths.predictions, paths.frames, reports / "figures", count=ev.figures,
-                  methods=[m for m in ("model_ttt", "model", "flow_extrap", "copy_last") if m in scored["methods"]])
+                  methods=[m for m in ("model_ttt", "model", "flow_advect", "flow_extrap", "copy_last")
+                           if m in scored["methods"]])
     write_json(paths.report_dir("evaluate") / "details.json", details)
+    write_json(paths.report_dir("evaluate") / "per_video.json", per_video)
     write_json(reports / "metrics.json", metrics)
     return metrics

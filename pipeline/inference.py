@@ -1,27 +1,15 @@
-"""Inference on the test split: model rollouts (with and without TTT), 1-step predictions, and baselines.
+"""The infer stage's work: rollouts of the model (with and without TTT) and of the baselines, teacher-forced
+1-step predictions and collision scores, written to data/predictions.h5 (layout: pipeline.predictions).
 
-Protocol (DESIGN §7): each test video gives `context` real frames, then `horizon` frames are predicted,
-each fed back (`model.rollout`). The 1-step predictions use real history instead: the frame at
-context + t is predicted from the real frames just before it. Every prediction is written to
-predictions.h5 (layout below); metrics are computed by pipeline.evaluation.
-
-predictions.h5 (written atomically):
-    video_index                int64 [N]           CLEVRER ids of the test videos
-    <method>/rollout           uint8 [N,horizon,H,W,3]
-    <method>/step1             uint8 [N,horizon,H,W,3]
-    model/collision, model_ttt/collision      float32 [N,horizon] collision logits of the rollout
-    model_ttt/ttt_loss_before, ttt_loss_after float32 [N] context loss before / after adaptation
-    model_ttt/ttt_best_step, ttt_steps        int32 [N];  model_ttt/ttt_diverged uint8 [N]
-    model_ttt/ttt_grad_norm                   float32 [N] gradient norm of the first TTT step
-    attrs: split, context, horizon, model_context, first_predicted_frame, arch, methods (JSON list),
-           ttt (JSON: settings, enabled, supported, reason), timing (JSON: frames/s per method, seconds)
-Methods: `model`, `model_ttt` (when ttt.enabled and the arch supports it), `copy_last`, `flow_extrap`
-(the last context frame warped again and again by the last context backward flow) and `vae_ceiling`
-(VAE reconstruction of the true frames: the best a latent model could decode).
+Protocol (DESIGN §7, docs/EVALUATION.md): every video of `eval.split` gives its first `eval.context` real
+frames, then `eval.horizon` frames are predicted, each fed back. A rollout, and TTT before it, receives
+only `clip_slice(video, 0, context, observed=True)`: frames and flow between them, no labels, nothing
+later, so no predictor can read a frame it must predict. The teacher-forced pass then predicts each
+frame from the real frames just before it: the horizon frames (`step1`) for every method, and every
+frame with `model.context` frames of history for the collision head (`model/collision_teacher`).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,109 +21,67 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from pipeline.flow import warp
+from pipeline.baselines import PREDICTORS, vae_reconstruction
+from pipeline.clips import clip_slice, history_windows
 from pipeline.io import atomic_path
-from pipeline.ttt import TestTimeTrainer, clip_slice, context_slice
+from pipeline.predictions import PredictionWriter
+from pipeline.ttt import TTTAdapter
 
-__all__ = ["METHODS", "InferenceSettings", "to_uint8", "copy_last", "flow_extrapolation",
-           "vae_reconstruction", "rollout_model", "step1_model", "predict_model", "run_inference", "infer"]
+__all__ = ["InferenceSettings", "rollout_model", "run_inference", "infer"]
 
-METHODS = ("model", "model_ttt", "copy_last", "flow_extrap", "vae_ceiling")
+BASELINE_HISTORY = 2  # frames a flow baseline reads: the last one and the flow into it
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """What infer needs from params: eval.context/horizon/batch and the ttt section."""
+    """What infer needs from params: eval.split/context/horizon/batch and the ttt section."""
 
+    split: str
     context: int
     horizon: int
-    batch: int = 8
-    ttt_enabled: bool = True
-    ttt_steps: int = 20
-    ttt_lr: float = 3e-4
-    ttt_params: str = "flow_head"
-    ttt_loss: str = "full"
-    ttt_grad_clip: float = 1.0
+    batch: int
+    ttt_enabled: bool
+    ttt_steps: int
+    ttt_lr: float
+    ttt_params: str
+    ttt_loss: str
+    ttt_grad_clip: float
 
     @classmethod
     def from_params(cls, params) -> "InferenceSettings":
         """Settings from a validated pipeline.config.Params."""
-        t = params.ttt
-        return cls(context=params.eval.context, horizon=params.eval.horizon, batch=params.eval.batch,
-                   ttt_enabled=t.enabled, ttt_steps=t.steps, ttt_lr=t.lr, ttt_params=t.params,
-                   ttt_loss=t.loss, ttt_grad_clip=t.grad_clip)
+        e, t = params.eval, params.ttt
+        return cls(split=e.split, context=e.context, horizon=e.horizon, batch=e.batch, ttt_enabled=t.enabled,
+                   ttt_steps=t.steps, ttt_lr=t.lr, ttt_params=t.params, ttt_loss=t.loss, ttt_grad_clip=t.grad_clip)
 
 
-def to_uint8(frames: Tensor) -> np.ndarray:
-    """Frames [B,T,3,H,W] in [0,1] -> uint8 [B,T,H,W,3] (rounded, clipped)."""
-    x = frames.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
-    return x.permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
-
-
-def copy_last(frames: Tensor, *, context: int, horizon: int) -> tuple[Tensor, Tensor]:
-    """Copy-last-frame baseline: (rollout, step1), each [B,horizon,3,H,W]."""
-    rollout = frames[:, context - 1:context].expand(-1, horizon, -1, -1, -1)  # [B,Hz,3,H,W]
-    step1 = frames[:, context - 1:context - 1 + horizon]  # the real frame just before each target
-    return rollout.contiguous(), step1.contiguous()
-
-
-def flow_extrapolation(frames: Tensor, flow_bwd: Tensor, *, context: int, horizon: int) -> tuple[Tensor, Tensor]:
-    """Constant-motion baseline: warp the last frame by the last backward flow, repeatedly.
-
-    frames [B,L,3,H,W], flow_bwd [B,L-1,2,H,W] (flow_bwd[:, t] maps frame t+1 -> t). The rollout only
-    uses flow between context frames (flow_bwd[:, context-2]); step1 predicts frame context+t from real
-    frame context+t-1 and the real flow between frames context+t-2 and context+t-1.
-    """
-    if flow_bwd.shape[1] < context - 1 + horizon - 1 or frames.shape[1] < context + horizon - 1:
-        raise ValueError(f"flow_extrapolation needs {context + horizon - 1} frames of history, got frames "
-                         f"{tuple(frames.shape)} and flow {tuple(flow_bwd.shape)}")
-    motion = flow_bwd[:, context - 2]  # [B,2,H,W] frame context-1 -> context-2
-    current, out = frames[:, context - 1], []
-    for _ in range(horizon):
-        current = warp(current, motion)  # [B,3,H,W]
-        out.append(current)
-    rollout = torch.stack(out, dim=1)  # [B,Hz,3,H,W]
-    hist = frames[:, context - 1:context - 1 + horizon]  # [B,Hz,3,H,W]
-    step1 = warp(hist, flow_bwd[:, context - 2:context - 2 + horizon])  # [B,Hz,3,H,W]
-    return rollout, step1
-
-
-@torch.no_grad()
-def vae_reconstruction(vae: nn.Module, frames: Tensor) -> Tensor:
-    """decode(encode(frames).mu) for frames [B,T,3,H,W] -> [B,T,3,H,W]: the VAE ceiling."""
-    B, T = frames.shape[:2]
-    mu, _ = vae.encode(frames.flatten(0, 1))  # [B*T,C,h,w]
-    return vae.decode(mu).view(B, T, *frames.shape[2:]).clamp(0, 1)
-
-
-def rollout_model(model: nn.Module, batch: dict[str, Tensor], *, context: int, model_context: int,
+def rollout_model(model: nn.Module, observed: dict[str, Tensor], *, model_context: int,
                   horizon: int) -> dict[str, Tensor]:
-    """Rollout of `horizon` frames from the `model_context` frames ending at frame context-1.
+    """The model's rollout of `horizon` frames after the last `model_context` observed frames.
 
-    Returns rollout [B,horizon,3,H,W] and collision [B,horizon] (logits).
+    Returns frames [B,horizon,3,H,W] and collision logits [B,horizon].
     """
-    out = model.rollout(clip_slice(batch, context - model_context, context), horizon)
-    rollout, collision = out["frames"], out["collision"]  # [B,Hz,3,H,W], [B,Hz]
-    B = batch["frames"].shape[0]
-    if rollout.shape[:2] != (B, horizon) or collision.shape != (B, horizon):
-        raise ValueError(f"{type(model).__name__}.rollout returned frames {tuple(rollout.shape)} and collision "
+    n = observed["frames"].shape[1]
+    out = model.rollout(clip_slice(observed, n - model_context, n), horizon)
+    frames, collision = out["frames"], out["collision"]
+    B = observed["frames"].shape[0]
+    if frames.shape[:2] != (B, horizon) or collision.shape != (B, horizon):
+        raise ValueError(f"{type(model).__name__}.rollout returned frames {tuple(frames.shape)} and collision "
                          f"{tuple(collision.shape)}, expected [{B},{horizon},3,H,W] and [{B},{horizon}]")
-    return {"rollout": rollout, "collision": collision}
+    return {"frames": frames, "collision": collision}
 
 
-def step1_model(model: nn.Module, batch: dict[str, Tensor], *, context: int, model_context: int,
-                horizon: int) -> Tensor:
-    """1-step predictions with real history [B,horizon,3,H,W]: frame context+t from the real frames before it."""
-    step1 = [model.rollout(clip_slice(batch, context + t - model_context, context + t), 1)["frames"][:, 0]
-             for t in range(horizon)]
-    return torch.stack(step1, dim=1)
+def _teacher_forced(predict: Callable[[dict, int], Tensor], batch: dict[str, Tensor], targets: list[int],
+                    history: int) -> Tensor:
+    """1-step predictions of the target frames from the `history` real frames before each: [B,n,...]."""
+    B = batch["frames"].shape[0]
+    out = predict(history_windows(batch, targets, history), 1)  # [n*B,1,...] targets major
+    out = out[:, 0] if out.dim() >= 2 and out.shape[1] == 1 else out
+    return out.reshape(len(targets), B, *out.shape[1:]).transpose(0, 1)
 
 
-def predict_model(model: nn.Module, batch: dict[str, Tensor], *, context: int, model_context: int,
-                  horizon: int) -> dict[str, Tensor]:
-    """rollout_model and step1_model together: {'rollout', 'collision', 'step1'}."""
-    kw = dict(context=context, model_context=model_context, horizon=horizon)
-    return {**rollout_model(model, batch, **kw), "step1": step1_model(model, batch, **kw)}
+def _model_step(model: nn.Module, key: str) -> Callable[[dict, int], Tensor]:
+    return lambda window, horizon: model.rollout(window, horizon)[key]
 
 
 def _sync(device: torch.device) -> None:
@@ -143,183 +89,189 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+class _Clock:
+    """Wall seconds per method (the stage log's frames/s; never written into an output)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    def __call__(self, name: str, fn):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return result
 
 
-def _finite_mean(x: np.ndarray) -> float | None:
-    """Mean over the finite entries, None when there are none."""
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if x.size else None
-
-
-def run_inference(*, model: nn.Module, vae: nn.Module, dataset, out_path: str | Path,
+def run_inference(*, model: nn.Module, vae: nn.Module | None, dataset, out_path: str | Path,
                   settings: InferenceSettings, device: torch.device | str = "cpu", arch: str = "",
-                  model_context: int | None = None, log: Callable[[str], None] = print) -> dict:
-    """Predict every clip of `dataset` (ClipDataset items of context + horizon frames) into predictions.h5.
+                  model_context: int, flow_backend: str = "", teacher_forced: bool = True,
+                  log: Callable[[str], None] = print) -> dict:
+    """Predict every video of `dataset` (ClipDataset items of whole videos) into predictions.h5, atomically.
 
-    `model` follows the temporal contract (docs/ARCHITECTURE.md); `vae` is the frame VAE. Returns a
-    summary (methods, timing, TTT statistics) that is also stored in the file's attrs.
+    `model` follows the temporal contract (docs/ARCHITECTURE.md); `vae` is the frame VAE (for the
+    vae_recon reference, skipped when None). teacher_forced=False leaves out everything that reads real
+    frames after the context (step1, collision_teacher, vae_recon): only rollouts are written. Returns a
+    summary: methods, TTT statistics and frames/s (for the stage log, never for an output).
     """
     device = torch.device(device)
-    C, Hz = settings.context, settings.horizon
-    mc = int(model_context if model_context is not None else getattr(model, "context", C))
+    C, Hz, mc = settings.context, settings.horizon, int(model_context)
     if not 1 <= mc <= C:
         raise ValueError(f"model context {mc} must be in [1, eval.context={C}]")
-    if C < 2:
-        raise ValueError(f"eval.context must be >= 2 (flow extrapolation needs a context flow), got {C}")
+    if C < BASELINE_HISTORY:
+        raise ValueError(f"eval.context must be >= {BASELINE_HISTORY} (the flow baselines need a context flow), "
+                         f"got {C}")
     N = len(dataset)
     if N == 0:
-        raise ValueError("the test split has no videos")
+        raise ValueError(f"the {settings.split} split has no videos")
     first = dataset[0]
-    L, _, H, W = first["frames"].shape
-    if L != C + Hz:
-        raise ValueError(f"dataset clips have {L} frames, need eval.context + eval.horizon = {C + Hz}")
+    T, _, H, W = first["frames"].shape
+    if T < C + Hz:
+        raise ValueError(f"videos have {T} frames, need eval.context + eval.horizon = {C + Hz}")
     if "flow_bwd" not in first:
-        raise ValueError("dataset clips lack flow_bwd: build the ClipDataset with flow_h5 (flow extrapolation "
-                         "baseline)")
-    model, vae = model.to(device).eval(), vae.to(device).eval()
+        raise ValueError("dataset clips lack flow_bwd: build the ClipDataset with flow_h5 (flow baselines)")
+    model = model.to(device).eval()
+    vae = vae.to(device).eval() if vae is not None else None
 
     trainer, ttt_reason = None, None
     if not settings.ttt_enabled:
         ttt_reason = "ttt.enabled is false"
     else:
-        trainer = TestTimeTrainer(model, steps=settings.ttt_steps, lr=settings.ttt_lr, params=settings.ttt_params,
+        trainer = TTTAdapter(model, steps=settings.ttt_steps, lr=settings.ttt_lr, params=settings.ttt_params,
                                   loss=settings.ttt_loss, grad_clip=settings.ttt_grad_clip)
         if not trainer.supported:
             trainer, ttt_reason = None, trainer.reason
-    methods = ["model"] + (["model_ttt"] if trainer is not None else []) + ["copy_last", "flow_extrap",
-                                                                          "vae_ceiling"]
     if ttt_reason:
         log(f"infer: TTT skipped: {ttt_reason}")
-    seconds = {m: 0.0 for m in methods + ["model_step1"]}
-    ttt_seconds = 0.0
-    ttt_rows: list[tuple] = []
+    methods = ["model"] + (["model_ttt"] if trainer is not None else []) + list(PREDICTORS)
+    if teacher_forced and vae is not None:
+        methods.append("vae_recon")
+    horizon_frames = list(range(C, C + Hz))
+    clock, ttt_rows = _Clock(device), []
     loader = DataLoader(dataset, batch_size=settings.batch, shuffle=False, num_workers=0)
 
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
-        dsets = {}
-        for m in methods:
-            g = f.create_group(m)
-            for kind in ("rollout", "step1"):
-                dsets[m, kind] = g.create_dataset(kind, shape=(N, Hz, H, W, 3), dtype="uint8",
-                                                  chunks=(1, 1, H, W, 3))
-            if m in ("model", "model_ttt"):
-                dsets[m, "collision"] = g.create_dataset("collision", shape=(N, Hz), dtype="float32")
-        video_index = f.create_dataset("video_index", shape=(N,), dtype="int64")
-
+        writer = PredictionWriter(f, methods=methods, videos=N, horizon=Hz, frame_shape=(H, W),
+                                  teacher_frames=T - mc, teacher_forced=teacher_forced)
         start = 0
         for batch in loader:
             B = batch["frames"].shape[0]
             rows = slice(start, start + B)
-            video_index[rows] = batch["video_index"].numpy()
-            batch = _to(batch, device)
-            frames = batch["frames"]  # [B,L,3,H,W]
+            writer.video_index[rows] = batch["video_index"].numpy()
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            observed = clip_slice(batch, 0, C, observed=True)  # all a rollout or TTT may read
 
-            def timed(method: str, fn):
-                _sync(device)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    result = fn()
-                _sync(device)
-                seconds[method] += time.perf_counter() - t0
-                return result
-
-            kw = dict(context=C, model_context=mc, horizon=Hz)
-            pred = timed("model", lambda: rollout_model(model, batch, **kw))
-            pred["step1"] = timed("model_step1", lambda: step1_model(model, batch, **kw))
-            _store(dsets, "model", rows, pred)
-            cl = timed("copy_last", lambda: copy_last(frames, context=C, horizon=Hz))
-            _store(dsets, "copy_last", rows, {"rollout": cl[0], "step1": cl[1]})
-            fe = timed("flow_extrap", lambda: flow_extrapolation(frames, batch["flow_bwd"], context=C, horizon=Hz))
-            _store(dsets, "flow_extrap", rows, {"rollout": fe[0], "step1": fe[1]})
-            vc = timed("vae_ceiling", lambda: vae_reconstruction(vae, frames[:, C:C + Hz]))
-            _store(dsets, "vae_ceiling", rows, {"rollout": vc, "step1": vc})
+            with torch.no_grad():
+                pred = clock("model", lambda: rollout_model(model, observed, model_context=mc, horizon=Hz))
+                writer.frames("model", "rollout", rows, pred["frames"])
+                writer.logits("model", "collision", rows, pred["collision"])
+                for name, predictor in PREDICTORS.items():
+                    frames = clock(name, lambda: predictor(clip_slice(observed, C - BASELINE_HISTORY, C), Hz))
+                    writer.frames(name, "rollout", rows, frames)
 
             if trainer is not None:
-                outs = []
-                for b in range(B):  # TTT adapts per video
-                    one = {k: v[b:b + 1] for k, v in batch.items()}
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    with trainer.adapted(context_slice(one, C)) as stats:
-                        _sync(device)
-                        t1 = time.perf_counter()
+                rollouts, logits, step1 = [], [], []
+                for b in range(B):  # TTT adapts per video, then the trained weights come back
+                    one = {k: v[b:b + 1] for k, v in observed.items()}
+                    with trainer.adapted(one) as stats:
                         with torch.no_grad():
-                            out = rollout_model(model, one, **kw)
-                        _sync(device)
-                        t2 = time.perf_counter()
-                        with torch.no_grad():
-                            out["step1"] = step1_model(model, one, **kw)
-                        outs.append(out)
-                    ttt_seconds += t1 - t0
-                    seconds["model_ttt"] += t2 - t0  # adaptation + rollout
+                            out = rollout_model(model, one, model_context=mc, horizon=Hz)
+                            if teacher_forced:
+                                video = {k: v[b:b + 1] for k, v in batch.items()}
+                                step1.append(_teacher_forced(_model_step(model, "frames"), video, horizon_frames, mc))
+                    rollouts.append(out["frames"])
+                    logits.append(out["collision"])
                     ttt_rows.append((stats.loss_before, stats.loss_after, stats.best_step, stats.steps,
-                                     stats.diverged, stats.grad_norm))
-                _store(dsets, "model_ttt", rows, {k: torch.cat([o[k] for o in outs]) for k in outs[0]})
+                                     stats.diverged, stats.grad_norm, stats.seconds))
+                writer.frames("model_ttt", "rollout", rows, torch.cat(rollouts))
+                writer.logits("model_ttt", "collision", rows, torch.cat(logits))
+                if teacher_forced:
+                    writer.frames("model_ttt", "step1", rows, torch.cat(step1))
+
+            if teacher_forced:
+                with torch.no_grad():
+                    every = list(range(mc, T))  # every frame with a full real history
+                    window = history_windows(batch, every, mc)
+                    out = clock("model_teacher", lambda: model.rollout(window, 1))
+                    frames = out["frames"][:, 0].reshape(len(every), B, 3, H, W).transpose(0, 1)
+                    writer.frames("model", "step1", rows, frames[:, C - mc:C - mc + Hz])
+                    writer.logits("model", "collision_teacher", rows,
+                                  out["collision"][:, 0].reshape(len(every), B).transpose(0, 1))
+                    for name, predictor in PREDICTORS.items():
+                        writer.frames(name, "step1", rows,
+                                      _teacher_forced(predictor, batch, horizon_frames, BASELINE_HISTORY))
+                    if vae is not None:
+                        recon = vae_reconstruction(vae, batch["frames"][:, C:C + Hz])
+                        writer.frames("vae_recon", "rollout", rows, recon)
+                        writer.frames("vae_recon", "step1", rows, recon)
             start += B
-            log(f"infer: {start}/{N} videos")
+            log(f"infer: {start}/{N} {settings.split} videos")
 
-        if trainer is not None:
-            before, after, best, steps, diverged, grad_norm = (np.array(c) for c in zip(*ttt_rows))
-            g = f["model_ttt"]
-            g.create_dataset("ttt_loss_before", data=before.astype(np.float32))
-            g.create_dataset("ttt_loss_after", data=after.astype(np.float32))
-            g.create_dataset("ttt_best_step", data=best.astype(np.int32))
-            g.create_dataset("ttt_steps", data=steps.astype(np.int32))
-            g.create_dataset("ttt_diverged", data=diverged.astype(np.uint8))
-            g.create_dataset("ttt_grad_norm", data=grad_norm.astype(np.float32))
-        # frames/s of the rollout (model_ttt: adaptation included; model_step1: the horizon 1-step predictions)
-        frames_out = N * Hz
-        timing = {f"fps_{m}": frames_out / s if s > 0 else None for m, s in seconds.items()}
-        timing.update({f"seconds_{m}": s for m, s in seconds.items()})
-        timing["seconds_ttt_adapt"] = ttt_seconds if trainer is not None else None
-        timing["device"] = str(device)
-        ttt_info = {"enabled": settings.ttt_enabled, "supported": trainer is not None, "reason": ttt_reason,
-                    "steps": settings.ttt_steps, "lr": settings.ttt_lr, "params": settings.ttt_params,
-                    "loss": settings.ttt_loss, "grad_clip": settings.ttt_grad_clip,
-                    "num_parameters": trainer.num_parameters if trainer is not None else 0}
-        if trainer is not None:
-            ttt_info.update(loss_before_mean=_finite_mean(before), loss_after_mean=_finite_mean(after),
-                            diverged_videos=int(diverged.sum()), adapted_videos=int((best > 0).sum()),
-                            grad_norm_mean=_finite_mean(grad_norm))
-            if settings.ttt_steps > 0 and not (grad_norm > 0).any():
-                ttt_info["warning"] = (f"ttt.loss={settings.ttt_loss} has zero gradient w.r.t. ttt.params="
-                                       f"{settings.ttt_params} on every video: TTT changed nothing")
-                log(f"infer: WARNING: {ttt_info['warning']}")
-        f.attrs.update({"split": "test", "context": C, "horizon": Hz, "model_context": mc,
-                        "first_predicted_frame": C, "arch": arch, "methods": json.dumps(methods),
-                        "ttt": json.dumps(ttt_info), "timing": json.dumps(timing),
-                        "settings": json.dumps(asdict(settings))})
-    return {"methods": methods, "ttt": ttt_info, "timing": timing, "videos": N}
+        ttt_info = _ttt_summary(settings, trainer, ttt_reason, ttt_rows)
+        if ttt_rows:
+            before, after, best, steps, diverged, grad_norm, _ = (np.array(c) for c in zip(*ttt_rows))
+            writer.ttt_stats({"ttt_loss_before": before.astype(np.float32), "ttt_loss_after": after.astype(np.float32),
+                              "ttt_best_step": best.astype(np.int32), "ttt_steps": steps.astype(np.int32),
+                              "ttt_diverged": diverged.astype(np.uint8), "ttt_grad_norm": grad_norm.astype(np.float32)})
+        if ttt_info.get("warning"):
+            log(f"infer: WARNING: {ttt_info['warning']}")
+        writer.finish(split=settings.split, context=C, horizon=Hz, frames=T, model_context=mc,
+                      first_predicted_frame=C, arch=arch, flow_backend=flow_backend, methods=methods, ttt=ttt_info,
+                      settings=asdict(settings), teacher_forced=teacher_forced)
+    fps = {m: N * Hz / s for m, s in clock.seconds.items() if s > 0}
+    if ttt_rows:
+        adapt = sum(r[-1] for r in ttt_rows)
+        fps["model_ttt"] = N * Hz / (adapt + clock.seconds.get("model", 0.0))
+    return {"methods": methods, "ttt": ttt_info, "frames_per_second": fps, "videos": N}
 
 
-def _store(dsets: dict, method: str, rows: slice, pred: dict[str, Tensor]) -> None:
-    for kind in ("rollout", "step1"):
-        x = pred[kind]
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"{method} {kind} predictions contain NaN or inf")
-        dsets[method, kind][rows] = to_uint8(x)
-    if (method, "collision") in dsets:
-        dsets[method, "collision"][rows] = pred["collision"].detach().float().cpu().numpy()
+def _ttt_summary(settings: InferenceSettings, trainer, reason: str | None, rows: list[tuple]) -> dict:
+    """TTT settings and what happened over the videos (for predictions.h5 attrs and the report)."""
+    info = {"enabled": settings.ttt_enabled, "supported": trainer is not None, "reason": reason,
+            "steps": settings.ttt_steps, "lr": settings.ttt_lr, "params": settings.ttt_params,
+            "loss": settings.ttt_loss, "grad_clip": settings.ttt_grad_clip,
+            "num_parameters": trainer.num_parameters if trainer is not None else 0}
+    if rows:
+        before, after, best, _, diverged, grad_norm, _ = (np.array(c, dtype=np.float64) for c in zip(*rows))
+        info.update(loss_before_mean=_finite_mean(before), loss_after_mean=_finite_mean(after),
+                    diverged_videos=int(diverged.sum()), adapted_videos=int((best > 0).sum()),
+                    grad_norm_mean=_finite_mean(grad_norm))
+        if settings.ttt_steps > 0 and not (grad_norm > 0).any():
+            info["warning"] = (f"ttt.loss={settings.ttt_loss} has zero gradient w.r.t. ttt.params="
+                               f"{settings.ttt_params} on every video: TTT changed nothing")
+    return info
 
 
-def infer(params) -> dict:
-    """The infer stage: load the trained models and the test split named in params, write predictions.h5."""
-    from pipeline.checkpoint import load_model
-    from pipeline.data.datasets import ClipDataset
+def _finite_mean(x: np.ndarray) -> float | None:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
+
+
+def infer(params, *, log: Callable[[str], None] = print) -> dict:
+    """The infer stage: the trained models and the videos of eval.split -> predictions.h5."""
+    from pipeline.checkpoint import load_checkpoint, load_model, model_from_checkpoint
+    from pipeline.data.datasets import ClipDataset, flow_backend, split_group
     from pipeline.io import resolve_device
+    from pipeline.models.temporal import rebuild_temporal
+    from pipeline.models.vae import build_vae
 
     paths, settings = params.paths, InferenceSettings.from_params(params)
     device = resolve_device(params.device)
-    model = load_model(paths.temporal, "temporal", map_location=device)
-    vae = load_model(paths.vae, "vae", map_location=device)
+    ckpt = load_checkpoint(paths.temporal, kind="temporal", map_location=device)
+    if ckpt.get("arch") != params.model.arch:
+        raise ValueError(f"{paths.temporal}: a {ckpt.get('arch')!r} checkpoint, but params say model.arch="
+                         f"{params.model.arch}; re-run train_temporal")
+    model = model_from_checkpoint(ckpt, rebuild_temporal, path=paths.temporal, map_location=device)
+    vae = load_model(paths.vae, "vae", build_vae, map_location=device)
     model_context = getattr(model, "context", params.model.context)
     if model_context != params.model.context:
         raise ValueError(f"{paths.temporal}: trained with model.context={model_context}, params say "
                          f"{params.model.context}; re-run train_temporal")
     latents = paths.latents if Path(paths.latents).exists() else None
-    dataset = ClipDataset(paths.frames, "test", settings.context + settings.horizon, flow_h5=paths.flow,
-                          latents_h5=latents, first_window_only=True)
+    frames_per_video = split_group(paths.frames, settings.split)[1]
+    dataset = ClipDataset(paths.frames, settings.split, frames_per_video, flow_h5=paths.flow, latents_h5=latents,
+                          first_window_only=True)
     return run_inference(model=model, vae=vae, dataset=dataset, out_path=paths.predictions, settings=settings,
-                         device=device, arch=params.model.arch, model_context=model_context)
+                         device=device, arch=ckpt["arch"], model_context=model_context,
+                         flow_backend=flow_backend(paths.flow), log=log)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "psnr", "ssim", "gaussian_window", "LPIPSUnavailable", "lpips_backbone_path", "load_lpips",
-    "lpips_distance", "average_precision", "f1_score", "finite_or_none", "PSNR_MAX_DB",
+    "lpips_distance", "average_precision", "f1_score", "best_f1", "event_recall", "finite_or_none", "PSNR_MAX_DB",
 ]
 
 # PSNR of identical images is +inf; it is capped here so that averages and JSON stay finite.
@@ -182,6 +182,42 @@ def f1_score(scores, labels, *, threshold: float = 0.5) -> float | None:
     tp = int(np.sum(hit & y))
     denom = 2 * tp + int(np.sum(hit & ~y)) + int(np.sum(~hit & y))
     return None if denom == 0 else 2 * tp / denom
+
+
+def best_f1(scores, labels) -> tuple[float | None, float | None]:
+    """The highest F1 over every threshold (each distinct score) and that threshold; (None, None) without positives."""
+    s, y = _scores_labels(scores, labels)
+    if not y.any():
+        return None, None
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_group = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tp = np.cumsum(y)[last_of_group]
+    predicted = last_of_group + 1
+    f1 = 2 * tp / (predicted + y.sum())
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(s[last_of_group[best]])
+
+
+def event_recall(scores, labels, *, threshold: float, tolerance: int = 1) -> float | None:
+    """Share of positive frames (events) with a score >= threshold within +-tolerance frames, per sequence.
+
+    scores, labels [N, F]: N sequences (videos) of F consecutive frames. None when there is no event.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    if s.shape != y.shape or s.ndim != 2:
+        raise ValueError(f"event_recall needs scores and labels of one shape [N, F], got {s.shape} and {y.shape}")
+    _scores_labels(s, y)  # same value checks
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    hit = s >= threshold
+    near = hit.copy()
+    for d in range(1, tolerance + 1):
+        near[:, d:] |= hit[:, :-d]
+        near[:, :-d] |= hit[:, d:]
+    events = y.astype(bool)
+    return float(near[events].mean()) if events.any() else None
 
 
 def finite_or_none(x: float | None) -> float | None:

@@ -1,12 +1,13 @@
-"""Markdown report of a change's effect on the pipeline: `dvc metrics diff` and `dvc params diff` vs a base.
+"""Markdown report of a change's effect on the pipeline: metrics with intervals, paired changes, `dvc` diffs vs a base.
 
     python -m pipeline.pr_report                        # workspace vs main, printed
     python -m pipeline.pr_report --base main --head my-branch --output pr.md
-    python -m pipeline.pr_report --apply-tiny params.yaml  # CI: shrink a params.yaml to the tiny PR run
+    python -m pipeline.pr_report --apply-tiny params.yaml  # CI: shrink a params.yaml to the `pr` profile
 
 The same Markdown is posted on pull requests by .github/workflows/pr-metrics.yml, which runs the pipeline
-with the tiny params on both the base and the head commit first. This module needs only the standard
-library and PyYAML (CI also runs it against base commits that predate it).
+with the tiny params on both the base and the head commit first. `--apply-tiny` needs only the standard
+library and PyYAML (CI runs it from a copy against base commits that predate it); the report itself pairs
+per-video scores with pipeline.stats.
 """
 from __future__ import annotations
 
@@ -18,44 +19,21 @@ from pathlib import Path
 
 import yaml
 
+try:
+    from pipeline.profiles import apply_profile
+except ImportError:  # CI runs a copy of this file next to a copy of profiles.py, against old base commits
+    from profiles import apply_profile  # type: ignore[no-redef]
+
 EVAL_METRICS = "reports/metrics.json"
-METHODS = ("model_ttt", "model", "flow_extrap", "copy_last", "vae_ceiling")
+PER_VIDEO = "reports/evaluate/per_video.json"
 COLUMNS = (("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("psnr_step1", "PSNR 1-step"),
            ("ssim_step1", "SSIM 1-step"))
-
-# Params of the PR metrics run: a few small synthetic videos, minutes on a CI runner's CPU.
-TINY_PARAMS = {
-    "device": "cpu",
-    "data": {"videos": {"train": 8, "val": 2, "test": 4}, "frames": 12, "resolution": [32, 32], "workers": 2},
-    "synthetic": {"width": 96, "height": 64, "frames": 12, "min_objects": 2, "max_objects": 4},
-    "flow": {"backend": "dis", "batch": 8},
-    "vae": {"hidden": 16, "latent_channels": 4, "steps": 150, "batch": 16, "kl_warmup": 50},
-    "flow_vae": {"hidden": 8, "latent_channels": 2, "steps": 100, "batch": 16, "kl_warmup": 50},
-    "model": {"hidden": 16, "context": 2},
-    "train": {"steps": 150, "batch": 8, "rollout": 2},
-    "ttt": {"steps": 5},
-    "eval": {"context": 4, "horizon": 6, "figures": 2, "batch": 4},
-}
-
-
-def merge_known(base: dict, over: dict) -> tuple[dict, list[str]]:
-    """`base` with `over` merged in, only for keys `base` already has; returns (merged, skipped keys)."""
-    out, skipped = dict(base), []
-    for key, value in over.items():
-        if key not in base:
-            skipped.append(key)
-        elif isinstance(value, dict) and isinstance(base[key], dict):
-            out[key], sub = merge_known(base[key], value)
-            skipped += [f"{key}.{s}" for s in sub]
-        else:
-            out[key] = value
-    return out, skipped
-
+LOWER_IS_BETTER = {"lpips"}
 
 def apply_tiny(params_file: str | Path) -> list[str]:
-    """Rewrite a params.yaml with TINY_PARAMS (keys it lacks are skipped, so old commits stay valid)."""
+    """Rewrite a params.yaml with the `pr` profile (keys it lacks are skipped, so old commits stay valid)."""
     path = Path(params_file)
-    merged, skipped = merge_known(yaml.safe_load(path.read_text()), TINY_PARAMS)
+    merged, skipped = apply_profile(yaml.safe_load(path.read_text()), "pr", strict=False)
     path.write_text(yaml.safe_dump(merged, sort_keys=False))
     return skipped
 
@@ -80,36 +58,101 @@ def _fmt(x, digits: int = 4) -> str:
     return str(x)
 
 
-def methods_table(diff: dict) -> str:
-    """Markdown table of reports/metrics.json's methods (new value and change) from `dvc metrics diff --json --all`."""
-    entries = diff.get(EVAL_METRICS, {})
-    if not entries:
-        return f"_{EVAL_METRICS} not found in either revision._\n"
-    rows = ["| method | " + " | ".join(label for _, label in COLUMNS) + " |",
-            "|---|" + "---|" * len(COLUMNS)]
-    for m in METHODS:
+def _interval(fields: dict, key: str, digits: int = 3) -> str:
+    """'27.260 [26.91, 27.63]' from a metrics.json method object, '–' when missing."""
+    value, lo, hi = fields.get(key), fields.get(f"{key}_lo"), fields.get(f"{key}_hi")
+    if value is None:
+        return "–"
+    if lo is None or hi is None:
+        return _fmt(value, digits)
+    return f"{value:.{digits}f} [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]"
+
+
+def _significant(fields: dict, key: str) -> bool:
+    """True when the interval of a difference excludes zero."""
+    lo, hi = fields.get(f"{key}_lo"), fields.get(f"{key}_hi")
+    return lo is not None and hi is not None and (lo > 0 or hi < 0)
+
+
+def _methods(metrics: dict) -> list[str]:
+    """The method objects of a metrics.json (those with a psnr), in the file's order."""
+    return [k for k, v in metrics.items() if isinstance(v, dict) and "psnr" in v and "_minus_" not in k]
+
+
+def paired_change(head: dict | None, base: dict | None, method: str, key: str, *, resamples: int = 2000,
+                  level: float = 0.95, seed: int = 0):
+    """Interval of head - base of one method's per-video scores, paired over the same videos (None if unpaired)."""
+    if not head or not base or head.get("video_index") != base.get("video_index"):
+        return None
+    a = head.get("scores", {}).get(method, {}).get(key)
+    b = base.get("scores", {}).get(method, {}).get(key)
+    if not a or not b or len(a) != len(b) or any(v is None for v in a + b):
+        return None
+    from pipeline.stats import paired_difference, resample_indices  # numpy: only where a report is built
+    return paired_difference(a, b, resample_indices(len(a), resamples=resamples, seed=seed), level=level)
+
+
+def methods_table(metrics: dict, base_metrics: dict | None = None, *, per_video: dict | None = None,
+                  base_per_video: dict | None = None) -> str:
+    """Markdown: each method's value [95% interval] and its change vs base.
+
+    A change is marked significant (bold, with its interval) only when the paired bootstrap interval of
+    head - base over the same videos excludes zero; otherwise it is shown as `n.s.` (or `unpaired` when
+    the revisions do not share per-video scores of the same videos).
+    """
+    if not metrics:
+        return f"_{EVAL_METRICS} not found._\n"
+    base_metrics = base_metrics or {}
+    rows = ["| method | " + " | ".join(label for _, label in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for m in _methods(metrics):
         cells = []
         for key, _ in COLUMNS:
-            e = entries.get(f"{m}.{key}", {})
-            new, change = e.get("new"), e.get("diff")
-            cell = _fmt(new)
-            if isinstance(change, (int, float)) and change != 0:
-                cell += f" ({change:+.4f})"
+            cell = _interval(metrics[m], key)
+            old = base_metrics.get(m, {}).get(key) if isinstance(base_metrics.get(m), dict) else None
+            new = metrics[m].get(key)
+            if isinstance(old, (int, float)) and isinstance(new, (int, float)) and old != new:
+                change = paired_change(per_video, base_per_video, m, key)
+                if change is None:
+                    cell += f" ({new - old:+.3f}, unpaired)"
+                elif change.excludes_zero:
+                    cell += f" (**{change.mean:+.3f}** [{change.lo:+.2f}, {change.hi:+.2f}])"
+                else:
+                    cell += f" ({change.mean:+.3f}, n.s.)"
             cells.append(cell)
         if any(c != "–" for c in cells):
             rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    extras = []
-    for key, label in (("collision.ap", "collision AP"), ("collision.f1", "collision F1"),
-                       ("ttt_gain_psnr", "TTT gain (PSNR dB)"), ("arch", "arch")):
-        e = entries.get(key)
-        if e is not None:
-            old, new = e.get("old"), e.get("new")
-            extras.append(f"- {label}: {_fmt(new)}" + (f" (base {_fmt(old)})" if old != new else ""))
+    return "\n".join(rows) + "\n"
+
+
+def differences_table(metrics: dict) -> str:
+    """Markdown: the paired differences within this run (model - baselines, model_ttt - model) with intervals."""
+    pairs = [k for k, v in metrics.items() if isinstance(v, dict) and "_minus_" in k]
+    if not pairs:
+        return ""
+    rows = ["| difference | PSNR | SSIM | PSNR 1-step | significant (PSNR) |", "|---|---|---|---|---|"]
+    for k in pairs:
+        f = metrics[k]
+        if f.get("psnr") is None:
+            continue
+        sig = "yes" if _significant(f, "psnr") else "no (interval includes 0)"
+        rows.append(f"| {k.replace('_minus_', ' − ')} | {_interval(f, 'psnr')} | {_interval(f, 'ssim', 4)} | "
+                    f"{_interval(f, 'psnr_step1')} | {sig} |")
+    return "\n".join(rows) + "\n"
+
+
+def notes(metrics: dict) -> str:
+    """Split, arch, flow backend, collision scores and notes as a bullet list."""
+    out = [f"- split: {metrics.get('split', '?')} ({metrics.get('videos', '?')} videos), arch: "
+           f"{metrics.get('arch', '?')}, flow: {metrics.get('flow_backend', '?')}"]
+    col = metrics.get("collision") or {}
+    if col:
+        out.append(f"- collision (every frame with history): AP {_fmt(col.get('ap'), 3)} vs constant "
+                   f"{_fmt(col.get('ap_constant'), 3)}, best F1 {_fmt(col.get('best_f1'), 3)}, event recall "
+                   f"(+-1 frame) {_fmt(col.get('event_recall'), 3)}")
     for key in ("lpips_note", "ttt_note", "collision_note"):
-        note = entries.get(key, {}).get("new")
-        if note:
-            extras.append(f"- {key.replace('_note', '')}: {note}")
-    return "\n".join(rows + [""] + extras) + "\n"
+        if metrics.get(key):
+            out.append(f"- {key.replace('_note', '')}: {metrics[key]}")
+    return "\n".join(out) + "\n"
 
 
 def _table_or(md: str, empty: str) -> str:
@@ -118,18 +161,37 @@ def _table_or(md: str, empty: str) -> str:
     return md.strip() if len(lines) > 2 else empty
 
 
+def read_json_at(rev: str | None, path: str) -> dict | None:
+    """A JSON file at a git revision (`git show REV:path`), or in the workspace when rev is None; None if absent."""
+    if rev is None:
+        p = Path(path)
+        return json.loads(p.read_text()) if p.is_file() else None
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
 def build_report(base: str, head: str | None = None, *, title: str | None = None) -> str:
-    """The Markdown: methods summary, then `dvc metrics diff --md` and `dvc params diff --md` (head vs base)."""
+    """The Markdown: methods with intervals and paired changes, differences, then `dvc metrics/params diff`."""
     revs = _revs(base, head)
-    diff = json.loads(_dvc("metrics", "diff", *revs, "--all", "--json") or "{}")
+    metrics = read_json_at(head, EVAL_METRICS) or {}
+    base_metrics = read_json_at(base, EVAL_METRICS) or {}
+    table = methods_table(metrics, base_metrics, per_video=read_json_at(head, PER_VIDEO),
+                          base_per_video=read_json_at(base, PER_VIDEO))
     metrics_md = _table_or(_dvc("metrics", "diff", *revs, "--md"), "_No metric changed._")
     params_md = _table_or(_dvc("params", "diff", *revs, "--md"), "_No param changed._")
     head_name = head or "workspace"
     title = title or f"Pipeline metrics: `{head_name}` vs `{base}`"
     return "\n".join([
         f"## {title}", "",
-        "Rollout metrics averaged over the prediction horizon (change vs base in parentheses).", "",
-        methods_table(diff),
+        "Each value is the mean over the evaluated videos with its 95% bootstrap interval; rollout metrics are "
+        "averaged over the prediction horizon. A change vs base is **bold** only when the paired interval of "
+        "head − base over the same videos excludes zero (n.s. otherwise).", "",
+        table, differences_table(metrics), notes(metrics),
         "<details><summary><code>dvc metrics diff</code></summary>", "", metrics_md, "", "</details>", "",
         "### `dvc params diff`", "", params_md, "",
     ])
@@ -142,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--title", default=None, help="heading of the report")
     ap.add_argument("--output", default=None, help="write the Markdown here instead of stdout")
     ap.add_argument("--apply-tiny", metavar="PARAMS_YAML", default=None,
-                    help="rewrite PARAMS_YAML with the tiny PR-run params and exit")
+                    help="rewrite PARAMS_YAML with the `pr` profile of pipeline/profiles.yaml and exit")
     args = ap.parse_args(argv)
     if args.apply_tiny:
         skipped = apply_tiny(args.apply_tiny)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import matplotlib
 import matplotlib.ticker
 
@@ -13,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
+from pipeline.io import atomic_path, open_h5  # noqa: E402
 
 __all__ = ["plot_curves", "strip_image", "write_figures"]
 
@@ -32,14 +31,20 @@ def plot_curves(details: dict, plots_dir: str | Path, metrics=("psnr", "ssim", "
             values = curves.get(metric)
             if values:
                 steps = np.arange(1, len(values) + 1)
-                ax.plot(steps, [np.nan if v is None else v for v in values], marker="o", ms=3, label=method)
+                line, = ax.plot(steps, _nan(values), marker="o", ms=3, label=method)
+                if curves.get(f"{metric}_lo") and curves.get(f"{metric}_hi"):
+                    ax.fill_between(steps, _nan(curves[f"{metric}_lo"]), _nan(curves[f"{metric}_hi"]),
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
                 drawn += 1
         ax.set_xlabel("prediction step")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(LABELS.get(metric, metric))
         if drawn:
             ax.legend(fontsize=8)
-            ax.set_title(f"{metric} per rollout step ({details.get('videos', '?')} test videos)")
+            level = details.get("interval", {}).get("level")
+            band = f", {level:.0%} intervals" if level else ""
+            ax.set_title(f"{metric} per rollout step ({details.get('videos', '?')} {details.get('split', '')} videos"
+                         f"{band})", fontsize=9)
         else:
             note = details.get(f"{metric}_note") or "not computed"
             ax.text(0.5, 0.5, f"{metric} not available:\n{_wrap(note)}", ha="center", va="center",
@@ -52,6 +57,10 @@ def plot_curves(details: dict, plots_dir: str | Path, metrics=("psnr", "ssim", "
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _nan(values) -> list[float]:
+    return [np.nan if v is None else v for v in values]
 
 
 def _wrap(text: str, width: int = 60) -> str:
@@ -91,7 +100,7 @@ def write_figures(pred_h5: str | Path, frames_h5: str | Path, out_dir: str | Pat
     """reports/figures/video_<id>.png (strip) and .gif (truth | methods side by side) for `count` test videos."""
     out_dir = Path(out_dir)
     written: list[Path] = []
-    with atomic_path(out_dir) as tmp, h5py.File(pred_h5, "r") as p, h5py.File(frames_h5, "r") as fr:
+    with atomic_path(out_dir) as tmp, open_h5(pred_h5, what="predictions") as p, open_h5(frames_h5) as fr:
         tmp.mkdir(parents=True)
         C, Hz, split = int(p.attrs["context"]), int(p.attrs["horizon"]), str(p.attrs["split"])
         methods = [m for m in methods if m in json.loads(p.attrs["methods"])]

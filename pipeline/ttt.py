@@ -2,58 +2,23 @@
 
 DESIGN §7: per video, copy the trained weights, adapt the parameters `model.ttt_parameters(ttt.params)`
 on the context frames only with `model.ttt_loss(context, ttt.loss)`, roll out, then restore the trained
-weights before the next video. The model only ever receives `context_slice(batch, n)`, so a frame it has
-to predict cannot leak into the adaptation. Divergence is guarded twice: gradients are clipped to
+weights before the next video. The model only ever receives the observed context
+(`pipeline.clips.clip_slice(video, 0, context, observed=True)`), so a frame it has to predict cannot leak
+into the adaptation. Divergence is guarded twice: gradients are clipped to
 `ttt.grad_clip` and the weights with the lowest context loss seen (the trained ones included) are kept.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FRAME_KEYS", "PAIR_KEYS", "META_KEYS", "clip_slice", "context_slice", "TTTStats",
-           "TestTimeTrainer"]
-
-# Clip batch keys (pipeline.data.datasets.ClipDataset, batched): [B, L, ...] per frame, [B, L-1, ...] per
-# consecutive frame pair, and per-clip metadata without a time axis.
-FRAME_KEYS = ("frames", "z", "collision", "boxes", "box_mask")
-PAIR_KEYS = ("flow_bwd", "flow_fwd", "occ", "zf")
-META_KEYS = ("video_index",)
-
-
-def clip_slice(batch: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
-    """Frames start..stop-1 of a clip batch (pair keys: the stop-start-1 pairs between them).
-
-    Unknown keys are refused rather than passed on, so that nothing outside the window can leak.
-    """
-    unknown = sorted(set(batch) - set(FRAME_KEYS) - set(PAIR_KEYS) - set(META_KEYS))
-    if unknown:
-        raise ValueError(f"clip batch has keys {unknown} that clip_slice does not know how to cut in time; "
-                         f"known: frame {FRAME_KEYS}, pair {PAIR_KEYS}, meta {META_KEYS}")
-    if "frames" not in batch:
-        raise ValueError(f"clip batch needs 'frames' [B,L,3,H,W]; got keys {sorted(batch)}")
-    length = batch["frames"].shape[1]
-    if not 0 <= start < stop <= length or stop - start < 1:
-        raise ValueError(f"bad clip window [{start}, {stop}) for a batch of {length} frames")
-    out = {}
-    for key, value in batch.items():
-        if key in FRAME_KEYS:
-            out[key] = value[:, start:stop]
-        elif key in PAIR_KEYS:
-            out[key] = value[:, start:stop - 1]
-        else:
-            out[key] = value
-    return out
-
-
-def context_slice(batch: dict[str, Tensor], context: int) -> dict[str, Tensor]:
-    """The first `context` frames of a clip batch: everything TTT and the rollout may look at."""
-    return clip_slice(batch, 0, context)
+__all__ = ["TTTStats", "TTTAdapter"]
 
 
 @dataclass(frozen=True)
@@ -66,16 +31,15 @@ class TTTStats:
     steps: int           # optimisation steps actually taken
     diverged: bool       # a non-finite loss stopped the adaptation early
     grad_norm: float     # gradient norm of the first step (0: the loss does not depend on the TTT params)
+    seconds: float       # wall time of the adaptation (for the log's frames/s; not stored in outputs)
 
 
-class TestTimeTrainer:
+class TTTAdapter:
     """Adapts `model.ttt_parameters(which)` on context frames and restores the trained weights afterwards.
 
     `supported` is False (with `reason`) when the architecture has no TTT parameters; then `adapted()`
     must not be used and the caller reports TTT as skipped.
     """
-
-    __test__ = False  # not a pytest test class despite the name
 
     def __init__(self, model: nn.Module, *, steps: int, lr: float, params: str = "flow_head",
                  loss: str = "full", grad_clip: float = 1.0):
@@ -129,6 +93,7 @@ class TestTimeTrainer:
         for p in self.params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(self.params, lr=self.lr)
+        t0 = time.perf_counter()
         best, best_step, before, steps_taken, diverged = math.inf, 0, math.nan, 0, False
         first_norm = 0.0
         best_weights = [p.detach().clone() for p in self.params]
@@ -168,7 +133,8 @@ class TestTimeTrainer:
                 p.requires_grad_(flag)
             self.model.train(was_training)
         return TTTStats(loss_before=before, loss_after=best if math.isfinite(best) else before,
-                        best_step=best_step, steps=steps_taken, diverged=diverged, grad_norm=first_norm)
+                        best_step=best_step, steps=steps_taken, diverged=diverged, grad_norm=first_norm,
+                        seconds=time.perf_counter() - t0)
 
     @contextlib.contextmanager
     def adapted(self, context: dict[str, Tensor]) -> Iterator[TTTStats]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["warp", "occlusion", "resize_flow", "base_grid"]
+__all__ = ["warp", "splat", "occlusion", "resize_flow", "base_grid"]
 
 
 def _check_flow(flow: Tensor, name: str = "flow") -> None:
@@ -117,6 +117,51 @@ def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float =
         soft = torch.minimum(soft, (inside + 0.5).clamp(0.0, 1.0))
     hard = soft > 0.5
     return soft.to(bwd.dtype), hard.to(bwd.dtype)
+
+
+def splat(x: Tensor, flow: Tensor, *, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Forward (softmax) splatting: push each pixel p of x to p + flow(p) -> (out, coverage).
+
+    x [*,C,H,W], flow [*,2,H,W] in pixels (the forward displacement of each source pixel),
+    importance [*,1,H,W] or None. Every source pixel spreads its value over the (up to) four target
+    pixels around p + flow(p) with bilinear weights w; where several land on one target they are
+    mixed by softmax of their importance Z (Niklaus & Liu 2020): out(q) = sum w e^Z x / sum w e^Z.
+    coverage(q) = sum w [*,1,H,W] says how much landed there: 0 in a hole (disoccluded, nothing
+    moved in), 1 where one source covers it fully. Holes of `out` are 0. Differentiable in x and flow;
+    on CUDA the scatter uses atomics, so sums may differ in the last bits from run to run.
+    """
+    _check_flow(flow)
+    if not isinstance(x, Tensor) or x.dim() < 3 or x.shape[:-3] != flow.shape[:-3] or x.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(f"x {tuple(getattr(x, 'shape', ()))} and flow {tuple(flow.shape)} must share leading dims "
+                         f"and H, W (x [*, C, H, W], flow [*, 2, H, W])")
+    lead, (C, H, W) = x.shape[:-3], x.shape[-3:]
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    xf = x.reshape(-1, C, H * W).to(dtype)  # [B,C,HW]
+    pos = (base_grid(H, W, device=x.device, dtype=dtype) + flow.reshape(-1, 2, H, W).to(dtype)).flatten(2)  # [B,2,HW]
+    if importance is None:
+        weight_z = torch.ones_like(xf[:, :1])  # [B,1,HW]
+    else:
+        if importance.shape != (*lead, 1, H, W):
+            raise ValueError(f"importance must be [*, 1, H, W] = {(*lead, 1, H, W)}, got {tuple(importance.shape)}")
+        z = importance.reshape(-1, 1, H * W).to(dtype)
+        weight_z = torch.exp(z - z.amax(dim=-1, keepdim=True).detach())  # softmax is shift invariant
+    corner = pos.floor()
+    frac = pos - corner  # [B,2,HW]
+    num = xf.new_zeros(xf.shape)
+    den = xf.new_zeros(xf.shape[0], 1, H * W)
+    cov = xf.new_zeros(xf.shape[0], 1, H * W)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            cx, cy = corner[:, 0:1] + dx, corner[:, 1:2] + dy  # [B,1,HW]
+            w = (frac[:, 0:1] if dx else 1 - frac[:, 0:1]) * (frac[:, 1:2] if dy else 1 - frac[:, 1:2])
+            inside = (cx >= 0) & (cx <= W - 1) & (cy >= 0) & (cy <= H - 1)
+            w = torch.where(inside, w, torch.zeros_like(w))
+            index = (cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1)).long()  # [B,1,HW]
+            num = num.scatter_add(2, index.expand(-1, C, -1), xf * (w * weight_z))
+            den = den.scatter_add(2, index, w * weight_z)
+            cov = cov.scatter_add(2, index, w)
+    out = num / den.clamp_min(torch.finfo(dtype).tiny) * (den > 0)
+    return (out.to(x.dtype).reshape(*lead, C, H, W), cov.to(x.dtype).reshape(*lead, 1, H, W))
 
 
 def resize_flow(flow: Tensor, size: tuple[int, int], *, mode: str = "auto") -> Tensor:
