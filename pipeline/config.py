@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -20,15 +21,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Paths:
-    raw: str = "data/raw"
-    frames: str = "data/frames.h5"
-    flow: str = "data/flow.h5"
-    latents: str = "data/latents.h5"
-    predictions: str = "data/predictions.h5"
-    vae: str = "models/vae.pt"
-    flow_vae: str = "models/flow_vae.pt"
-    temporal: str = "models/temporal.pt"
-    reports: str = "reports"
+    raw: str
+    frames: str
+    flow: str
+    latents: str
+    predictions: str
+    vae: str
+    flow_vae: str
+    temporal: str
+    reports: str
 
     def report_dir(self, stage: str) -> Path:
         """Directory of one stage's report: reports/<stage>/."""
@@ -37,9 +38,9 @@ class Paths:
 
 @dataclass(frozen=True)
 class Videos:
-    train: int = 48
-    val: int = 8
-    test: int = 16
+    train: int
+    val: int
+    test: int
 
     def __post_init__(self):
         for split in ("train", "val", "test"):
@@ -50,8 +51,8 @@ class Videos:
 
 @dataclass(frozen=True)
 class Clevrer:
-    url: str = "http://data.csail.mit.edu/clevrer"
-    proposals: bool = False
+    url: str
+    proposals: bool
 
     def __post_init__(self):
         _check(self.url.startswith(("http://", "https://", "file://")), "data.clevrer.url", self.url,
@@ -60,15 +61,15 @@ class Clevrer:
 
 @dataclass(frozen=True)
 class Data:
-    source: Literal["synthetic", "clevrer"] = "synthetic"
-    seed: int = 0
-    videos: Videos = field(default_factory=Videos)
-    frames: int = 32
-    stride: int = 1
-    resolution: tuple[int, int] = (64, 64)
-    max_bad_fraction: float = 0.1
-    workers: int = 2
-    clevrer: Clevrer = field(default_factory=Clevrer)
+    source: Literal["synthetic", "clevrer"]
+    seed: int
+    videos: Videos
+    frames: int
+    stride: int
+    resolution: tuple[int, int]
+    max_bad_fraction: float
+    workers: int
+    clevrer: Clevrer
 
     def __post_init__(self):
         _check(self.frames >= 2, "data.frames", self.frames, "must be >= 2")
@@ -90,13 +91,13 @@ class Data:
 
 @dataclass(frozen=True)
 class Synthetic:
-    width: int = 192
-    height: int = 128
-    frames: int = 32
-    fps: int = 25
-    min_objects: int = 3
-    max_objects: int = 6
-    enter_fraction: float = 0.3
+    width: int
+    height: int
+    frames: int
+    fps: int
+    min_objects: int
+    max_objects: int
+    enter_fraction: float
 
     def __post_init__(self):
         _check(self.width >= 16 and self.height >= 16, "synthetic.width/height", (self.width, self.height),
@@ -113,15 +114,15 @@ class Synthetic:
 
 @dataclass(frozen=True)
 class Flow:
-    backend: Literal["raft_large", "raft_small", "dis", "gt"] = "raft_large"
-    fallback: Literal["dis", "gt"] = "dis"
-    num_updates: int = 12
-    cpu_raft: Literal["raft_large", "raft_small"] = "raft_small"  # RAFT variant when running on CPU
-    cpu_num_updates: int = 3  # RAFT iterations when running on CPU
-    batch: int = 16
-    dis_preset: Literal["ultrafast", "fast", "medium"] = "fast"
-    occ_alpha1: float = 0.01
-    occ_alpha2: float = 0.5
+    backend: Literal["raft_large", "raft_small", "dis", "gt"]
+    fallback: Literal["dis", "gt"]
+    num_updates: int
+    cpu_raft: Literal["raft_large", "raft_small"]  # RAFT variant when running on CPU
+    cpu_num_updates: int  # RAFT iterations when running on CPU
+    batch: int
+    dis_preset: Literal["ultrafast", "fast", "medium"]
+    occ_alpha1: float
+    occ_alpha2: float
 
     def __post_init__(self):
         _check(self.num_updates >= 1, "flow.num_updates", self.num_updates, "must be >= 1")
@@ -133,49 +134,50 @@ class Flow:
 
 @dataclass(frozen=True)
 class VAE:
-    latent_channels: int = 8
-    downsample: int = 4
-    hidden: int = 64
-    beta: float = 1e-4
-    kl_warmup: int = 500
-    lr: float = 2e-3
-    steps: int = 2500
-    batch: int = 32
-    workers: int = 0
-    patch: int = 4            # pixel-unshuffle stem: convs start at H/patch; must divide downsample
-    res_blocks: int = 1       # residual blocks per resolution level
-    lr_warmup: int = 100      # linear LR warm-up steps, then cosine decay
-    clip_grad: float = 1.0    # max gradient norm; 0 disables clipping
-    ckpt_every: int = 250     # steps between resume checkpoints; 0 disables them
-    log_every: int = 10       # steps between logged training metrics
-    seed: int = 0
+    latent_channels: int
+    downsample: int
+    hidden: int
+    beta: float
+    kl_warmup: int
+    lr: float
+    steps: int
+    batch: int
+    workers: int
+    patch: int  # pixel-unshuffle stem: convs start at H/patch; must divide downsample
+    res_blocks: int  # residual blocks per resolution level
+    lr_warmup: int  # linear LR warm-up steps, then cosine decay
+    clip_grad: float  # max gradient norm; 0 disables clipping
+    ckpt_every: int  # steps between resume checkpoints; 0 disables them
+    log_every: int  # steps between logged training metrics
+    seed: int
+
+    section: ClassVar[str] = "vae"  # the params.yaml section, for error messages
 
     def __post_init__(self):
-        _check(self.downsample in (1, 2, 4, 8), "downsample", self.downsample, "valid: 1, 2, 4, 8")
-        _check(self.patch in (1, 2, 4, 8) and self.downsample % self.patch == 0, "patch", self.patch,
+        k = self.section
+        _check(self.downsample in (1, 2, 4, 8), f"{k}.downsample", self.downsample, "valid: 1, 2, 4, 8")
+        _check(self.patch in (1, 2, 4, 8) and self.downsample % self.patch == 0, f"{k}.patch", self.patch,
                f"valid: 1, 2, 4, 8 and dividing downsample ({self.downsample})")
-        _check(self.latent_channels >= 1, "latent_channels", self.latent_channels, "must be >= 1")
-        _check(self.hidden >= 1 and self.res_blocks >= 0, "hidden/res_blocks", (self.hidden, self.res_blocks),
-               "need hidden >= 1 and res_blocks >= 0")
-        _check(self.steps >= 1 and self.batch >= 1, "steps/batch", (self.steps, self.batch), "must be >= 1")
-        _check(self.beta >= 0, "beta", self.beta, "must be >= 0")
-        _check(self.lr > 0, "lr", self.lr, "must be > 0")
-        _check(self.workers >= 0 and self.lr_warmup >= 0 and self.kl_warmup >= 0 and self.ckpt_every >= 0,
-               "workers/lr_warmup/kl_warmup/ckpt_every", (self.workers, self.lr_warmup, self.kl_warmup,
-                                                          self.ckpt_every), "must be >= 0")
-        _check(self.clip_grad >= 0, "clip_grad", self.clip_grad, "must be >= 0")
-        _check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+        _check(self.latent_channels >= 1, f"{k}.latent_channels", self.latent_channels, "must be >= 1")
+        _check(self.hidden >= 1, f"{k}.hidden", self.hidden, "must be >= 1")
+        _check(self.res_blocks >= 0, f"{k}.res_blocks", self.res_blocks, "must be >= 0")
+        _check(self.steps >= 1, f"{k}.steps", self.steps, "must be >= 1")
+        _check(self.batch >= 1, f"{k}.batch", self.batch, "must be >= 1")
+        _check(self.beta >= 0, f"{k}.beta", self.beta, "must be >= 0")
+        _check(self.lr > 0, f"{k}.lr", self.lr, "must be > 0")
+        for name in ("workers", "lr_warmup", "kl_warmup", "ckpt_every"):
+            _check(getattr(self, name) >= 0, f"{k}.{name}", getattr(self, name), "must be >= 0")
+        _check(self.clip_grad >= 0, f"{k}.clip_grad", self.clip_grad, "must be >= 0")
+        _check(self.log_every >= 1, f"{k}.log_every", self.log_every, "must be >= 1")
 
 
 @dataclass(frozen=True)
 class FlowVAE(VAE):
     """flow_vae section: the VAE knobs plus the fixed flow normalisation."""
-    latent_channels: int = 4
-    hidden: int = 32
-    kl_warmup: int = 200
-    steps: int = 800
-    flow_scale: float = 0.5   # pixels; the network sees flow / flow_scale
-    moving_weight: float = 10.0  # EPE weight of moving pixels (|flow| > 0.5 px); static ones weigh 1
+    flow_scale: float  # pixels; the network sees flow / flow_scale
+    moving_weight: float  # EPE weight of moving pixels (|flow| > 0.5 px); static ones weigh 1
+
+    section: ClassVar[str] = "flow_vae"
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,11 +187,11 @@ class FlowVAE(VAE):
 
 @dataclass(frozen=True)
 class Model:
-    arch: Literal["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"] = "warp_occ"
-    hidden: int = 32
-    context: int = 4
-    encoder: Literal["resnet18", "vit_b_16", "cnn"] = "resnet18"
-    decode: Literal["delta", "direct"] = "delta"  # latent archs' frames: last frame + D(z_hat) - D(z_last), or D(z_hat)
+    arch: Literal["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"]
+    hidden: int
+    context: int
+    encoder: Literal["resnet18", "vit_b_16", "cnn"]
+    decode: Literal["delta", "direct"]  # latent archs' frames: last frame + D(z_hat) - D(z_last), or D(z_hat)
 
     def __post_init__(self):
         _check(self.hidden >= 1, "model.hidden", self.hidden, "must be >= 1")
@@ -198,18 +200,18 @@ class Model:
 
 @dataclass(frozen=True)
 class Loss:
-    latent: float = 1.0
-    frame: float = 1.0        # clip_lstm: pixel L1 of the predicted frame
-    flow: float = 0.1
-    occ: float = 0.1
-    decode: float = 1.0
-    residual: float = 1.0
-    collision: float = 0.1
-    state: float = 0.1
-    appearance: float = 0.5
-    motion: float = 0.5
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    latent: float
+    frame: float  # clip_lstm: pixel L1 of the predicted frame
+    flow: float
+    occ: float
+    decode: float
+    residual: float
+    collision: float
+    state: float
+    appearance: float
+    motion: float
+    focal_alpha: float
+    focal_gamma: float
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -219,26 +221,36 @@ class Loss:
 
 @dataclass(frozen=True)
 class Train:
-    steps: int = 600
-    lr: float = 1e-3
-    batch: int = 16
-    rollout: int = 2
-    seed: int = 0
-    workers: int = 0
+    steps: int
+    lr: float
+    batch: int
+    rollout: int
+    warmup: int  # linear LR warm-up steps, then cosine decay to lr/10
+    clip_grad: float  # max gradient norm; 0 disables clipping
+    ckpt_every: int  # steps between resume checkpoints; 0 disables them
+    log_every: int  # steps between logged training metrics
+    seed: int
+    workers: int
 
     def __post_init__(self):
-        _check(self.steps >= 1 and self.batch >= 1, "train.steps/batch", (self.steps, self.batch), "must be >= 1")
+        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(self.batch >= 1, "train.batch", self.batch, "must be >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.rollout >= 1, "train.rollout", self.rollout, "must be >= 1")
+        for name in ("warmup", "ckpt_every", "workers"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _check(self.clip_grad >= 0, "train.clip_grad", self.clip_grad, "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
 
 
 @dataclass(frozen=True)
 class TTT:
-    enabled: bool = True
-    steps: int = 20
-    lr: float = 3e-4
-    params: Literal["flow_head", "all"] = "flow_head"
-    loss: Literal["warp", "full"] = "full"
-    grad_clip: float = 1.0   # max global gradient norm per TTT step (divergence guard)
+    enabled: bool
+    steps: int
+    lr: float
+    params: Literal["flow_head", "all"]
+    loss: Literal["warp", "full"]
+    grad_clip: float  # max global gradient norm per TTT step (divergence guard)
 
     def __post_init__(self):
         _check(self.steps >= 0, "ttt.steps", self.steps, "must be >= 0")
@@ -248,13 +260,17 @@ class TTT:
 
 @dataclass(frozen=True)
 class Eval:
-    context: int = 6
-    horizon: int = 10
-    protocol: Literal["default", "slotformer"] = "default"
-    lpips_net: Literal["alex", "vgg"] = "alex"
-    figures: int = 4
-    collision_threshold: float = 0.5
-    batch: int = 8           # test videos per forward pass in infer (rollouts without TTT, baselines)
+    split: Literal["val", "test"]
+    context: int
+    horizon: int
+    protocol: Literal["default", "slotformer"]
+    lpips_net: Literal["alex", "vgg"]
+    figures: int
+    collision_threshold: float
+    batch: int  # videos per forward pass in infer (rollouts without TTT, baselines)
+    bootstrap: int  # bootstrap resamples of the videos for every interval
+    confidence: float  # level of the intervals
+    seed: int  # seed of the bootstrap draws
 
     def __post_init__(self):
         _check(self.context >= 2, "eval.context", self.context, "must be >= 2")
@@ -263,24 +279,28 @@ class Eval:
         _check(0.0 <= self.collision_threshold <= 1.0, "eval.collision_threshold", self.collision_threshold,
                "must be a probability in [0, 1]")
         _check(self.batch >= 1, "eval.batch", self.batch, "must be >= 1")
+        _check(self.bootstrap >= 100, "eval.bootstrap", self.bootstrap, "must be >= 100 resamples")
+        _check(0.5 <= self.confidence < 1.0, "eval.confidence", self.confidence, "must be in [0.5, 1)")
 
 
 @dataclass(frozen=True)
 class Params:
-    paths: Paths = field(default_factory=Paths)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: Data = field(default_factory=Data)
-    synthetic: Synthetic = field(default_factory=Synthetic)
-    flow: Flow = field(default_factory=Flow)
-    vae: VAE = field(default_factory=VAE)
-    flow_vae: FlowVAE = field(default_factory=FlowVAE)
-    model: Model = field(default_factory=Model)
-    loss: Loss = field(default_factory=Loss)
-    train: Train = field(default_factory=Train)
-    ttt: TTT = field(default_factory=TTT)
-    eval: Eval = field(default_factory=Eval)
+    paths: Paths
+    device: Literal["auto", "cpu", "cuda"]
+    data: Data
+    synthetic: Synthetic
+    flow: Flow
+    vae: VAE
+    flow_vae: FlowVAE
+    model: Model
+    loss: Loss
+    train: Train
+    ttt: TTT
+    eval: Eval
 
     def __post_init__(self):
+        _check(getattr(self.data.videos, self.eval.split) > 0, "eval.split", self.eval.split,
+               f"data.videos.{self.eval.split} is 0: nothing to evaluate")
         needed = self.eval.context + self.eval.horizon
         _check(needed <= self.data.frames, "eval.context + eval.horizon", needed,
                f"must be <= data.frames ({self.data.frames})")
@@ -315,10 +335,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"bad param {where or 'params'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
     unknown = sorted(set(raw) - set(valid))
     if unknown:
-        prefix = f"{where}." if where else ""
         raise ConfigError(f"unknown param {', '.join(prefix + k for k in unknown)}; valid keys: {', '.join(valid)}")
+    missing = [k for k in valid if k not in raw]
+    if missing:
+        raise ConfigError(f"missing param {', '.join(prefix + k for k in missing)} (params.yaml holds every default; "
+                          f"there is no fallback in the code)")
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in raw.items()}
     return cls(**kwargs)
 
@@ -350,6 +374,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"bad param {where}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"bad param {where}={value!r}: must be a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -1,7 +1,7 @@
 """Loss terms of the temporal models (DESIGN §6): L1, flow end-point error, occlusion BCE, focal, boxes.
 
 Every function returns a scalar mean over its elements so that the weights in params `loss.*`
-keep the same meaning whatever the batch, clip or image size.
+keep the same meaning whatever the batch, clip or image size. A leaf: imports no model (the models import it).
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.models.flow_vae import end_point_error
-
-__all__ = ["l1", "flow_epe", "occlusion_bce", "focal_loss", "box_l1", "weighted_total"]
+__all__ = ["l1", "end_point_error", "flow_epe", "occlusion_bce", "focal_loss", "box_l1", "weighted_total"]
 
 
 def _same_shape(pred: Tensor, target: Tensor, what: str) -> None:
@@ -25,6 +23,23 @@ def l1(pred: Tensor, target: Tensor) -> Tensor:
     """Mean absolute error over every element."""
     _same_shape(pred, target, "l1")
     return (pred.float() - target.float()).abs().mean()
+
+
+def end_point_error(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean end-point error: mean over pixels of the L2 norm of the flow difference (channel dim 1).
+
+    weight [B,...] (the flow shape without the channel dim): a weighted mean over pixels instead.
+    """
+    if pred.shape != target.shape or pred.ndim < 2 or pred.shape[1] != 2:
+        raise ValueError(f"expected two flows [B,2,...] of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    diff = pred.float() - target.float()
+    epe = torch.sqrt(diff.pow(2).sum(1) + 1e-12)  # [B,...]
+    if weight is None:
+        return epe.mean()
+    if weight.shape != epe.shape:
+        raise ValueError(f"expected weight of shape {tuple(epe.shape)} for flows {tuple(pred.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    return (epe * weight).sum() / weight.sum()
 
 
 def flow_epe(pred: Tensor, target: Tensor) -> Tensor:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-import h5py
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
@@ -21,8 +20,11 @@ from pipeline.checkpoint import load_model, unwrap
 from pipeline.config import Params, to_dict
 from pipeline.data.datasets import ClipDataset
 from pipeline.distributed import is_main_process
+from pipeline.io import file_digest, open_h5
 from pipeline.metrics import psnr
+from pipeline.models.flow_vae import build_flow_vae
 from pipeline.models.temporal import NEEDS_FLOW_VAE, NEEDS_VAE, build_temporal
+from pipeline.models.vae import build_vae
 from pipeline.training import TrainConfig, seed_everything, train, to_device
 
 CONTEXT_KEYS = ("frames", "z", "zf", "flow_bwd", "flow_fwd", "occ")
@@ -45,7 +47,7 @@ def context_batch(batch: Mapping[str, Tensor], start: int, stop: int) -> dict[st
 
 
 def _num_boxes(frames_h5: str | Path, split: str) -> int:
-    with h5py.File(frames_h5, "r") as f:
+    with open_h5(frames_h5, what="frames file") as f:
         if split not in f or "boxes" not in f[split]:
             raise KeyError(f"{frames_h5}: split {split!r} has no 'boxes' dataset")
         return int(f[split]["boxes"].shape[2])
@@ -53,8 +55,9 @@ def _num_boxes(frames_h5: str | Path, split: str) -> int:
 
 def load_vaes(params: Params, arch: str, device: torch.device | str = "cpu") -> tuple[nn.Module | None, nn.Module | None]:
     """The trained frame / flow VAEs an arch needs (None where it needs none)."""
-    vae = load_model(params.paths.vae, "vae", map_location=device) if arch in NEEDS_VAE else None
-    flow_vae = load_model(params.paths.flow_vae, "flow_vae", map_location=device) if arch in NEEDS_FLOW_VAE else None
+    vae = load_model(params.paths.vae, "vae", build_vae, map_location=device) if arch in NEEDS_VAE else None
+    flow_vae = (load_model(params.paths.flow_vae, "flow_vae", build_flow_vae, map_location=device)
+                if arch in NEEDS_FLOW_VAE else None)
     return vae, flow_vae
 
 
@@ -106,24 +109,29 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
     vae, flow_vae = load_vaes(p, arch)
     model = build_temporal(arch, model=p.model, loss=p.loss, frame_size=tuple(p.data.resolution),
                            num_boxes=_num_boxes(p.paths.frames, "train"), vae=vae, flow_vae=flow_vae)
-    config = TrainConfig(steps=steps or p.train.steps, batch=min(p.train.batch, len(dataset)), lr=p.train.lr,
-                         seed=p.train.seed, workers=p.train.workers, warmup=min(100, max(1, (steps or p.train.steps) // 10)),
-                         log_every=max(1, min(25, (steps or p.train.steps) // 4)))
+    t = p.train
+    config = TrainConfig(steps=steps or t.steps, batch=min(t.batch, len(dataset)), lr=t.lr, seed=t.seed,
+                         workers=t.workers, warmup=t.warmup, clip_grad=t.clip_grad, ckpt_every=t.ckpt_every,
+                         log_every=t.log_every)
     encoder = getattr(model, "encoder_info", None)
     if encoder is not None and encoder["used"] != encoder["requested"]:
         print(f"[train_temporal] WARNING: {encoder['reason']}", flush=True)
     t0 = time.perf_counter()
+    inputs = [p.paths.frames, p.paths.flow] + ([p.paths.latents, p.paths.vae] if arch in NEEDS_VAE else []) + (
+        [p.paths.flow_vae] if arch in NEEDS_FLOW_VAE else [])
+    stage_params = {"model": to_dict(p.model), "loss": to_dict(p.loss), "train": to_dict(p.train), "device": p.device}
     result = train(model, dataset, temporal_loss, config=config, checkpoint=checkpoint, kind="temporal",
-                   model_args=model.model_args(), arch=arch, params=to_dict(p), report_dir=report_dir,
-                   device=p.device, extra={"encoder": encoder})
+                   model_args=model.model_args(), arch=arch, params=stage_params, report_dir=report_dir,
+                   device=p.device, extra={"encoder": encoder}, data_identity={f: file_digest(f) for f in inputs})
     seconds = time.perf_counter() - t0
     if not is_main_process():  # under DDP only rank 0 validates and reports
         return {}
     trained = unwrap(result.model)
     device = next(trained.parameters()).device
 
-    report = {"arch": arch, "steps": result.step, "train_seconds": round(result.seconds, 1),
-              "stage_seconds": round(seconds, 1), "clip_length": length,
+    report = {"arch": arch, "steps": result.step, "clip_length": length,
+              "run": {"train_seconds": round(result.seconds, 1), "stage_seconds": round(seconds, 1),
+                      "resumed_from": result.resumed_from},
               "parameters": sum(q.numel() for q in trained.trainable_parameters()),
               "loss": {k: v for k, v in result.metrics.items()}}
     if encoder is not None:

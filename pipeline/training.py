@@ -160,9 +160,10 @@ def resume_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(f".{checkpoint.name}.resume")
 
 
-def _fingerprint(**parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _fingerprint(**parts: Any) -> dict[str, str]:
+    """A short hash per part of what defines a run (a resume is allowed only when every part matches)."""
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for k, v in sorted(parts.items())}
 
 
 def _amp_dtype(device: torch.device, config: TrainConfig) -> torch.dtype | None:
@@ -185,7 +186,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
           checkpoint: str | Path, kind: str, model_args: dict, arch: str | None = None,
           params: dict | None = None, report_dir: str | Path | None = None, device: str = "auto",
           collate_fn: Callable | None = None, callback: Callable[[int, nn.Module], None] | None = None,
-          extra: dict | None = None) -> TrainResult:
+          extra: dict | None = None, data_identity: dict | None = None) -> TrainResult:
     """Train `model` on `dataset` and write the final self-describing checkpoint to `checkpoint`.
 
     loss_fn(model, batch) -> dict, or loss_fn(model, batch, step=step) when it has a `step`
@@ -194,6 +195,8 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
     and any other named scalars, each logged as train/<name>. `callback(step_done, model)` runs
     after every step (rank-local; raising in it stops training, as an interruption would).
     `extra` (plain values) is stored in the final checkpoint. Logs go to `report_dir` via dvclive.
+    `data_identity` (e.g. {file: content digest} of the inputs, pipeline.io.file_digest) joins the resume
+    fingerprint, so a resume checkpoint of other data is discarded instead of continued.
     """
     rank, world, local_rank = init_distributed()
     dev = resolve_device(device)
@@ -205,7 +208,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     fingerprint = _fingerprint(kind=kind, model_args=model_args, arch=arch, config=dataclasses.asdict(config),
-                               params=params, size=len(dataset), world=world)
+                               params=params, size=len(dataset), world=world, data=data_identity)
     resume = resume_path(checkpoint)
     start, history, resumed_from = 0, [], None
     if resume.is_file():
@@ -222,7 +225,12 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
             start, history, resumed_from = int(state["step"]), list(state.get("history", [])), int(state["step"])
             _say(rank, f"resuming {kind} training from {resume} at step {start}/{config.steps}")
         elif state is not None:
-            _say(rank, f"{resume} belongs to a different run (params, data or model changed); starting from step 0")
+            old = state.get("fingerprint") if isinstance(state.get("fingerprint"), dict) else {}
+            changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            _say(rank, f"WARNING: discarding {resume}: it belongs to another run ({', '.join(changed)} changed); "
+                       f"starting from step 0")
+            if rank == 0:
+                resume.unlink(missing_ok=True)
     barrier()
 
     ddp_model = model
@@ -303,7 +311,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
     if rank == 0:
         save_checkpoint(checkpoint, make_checkpoint(
             kind=kind, model=model, model_args=model_args, arch=arch, optimizer=optimizer, step=config.steps,
-            params=params, metrics=metrics, history=history, train_seconds=seconds, **(extra or {})))
+            params=params, metrics=metrics, history=history, **(extra or {})))
         resume.unlink(missing_ok=True)
     barrier()
     return TrainResult(model=model, step=config.steps, metrics=metrics, seconds=seconds,

@@ -1,34 +1,29 @@
-"""Frame VAE and flow VAE: training with evaluation reports, and encoding the data set to latents.
+"""Frame VAE and flow VAE training with their evaluation reports (stages train_vae, train_flow_vae).
 
-Library side of the train_vae, train_flow_vae and encode stages (pipeline/stages/): both VAEs go
-through one loop (pipeline/training.py) and one report shape (reports/<kind>/metrics.json = the
-dvclive summary of the last logged training metrics + `test` reconstruction metrics + run facts).
+Both VAEs go through one loop (pipeline/training.py) and one report shape (reports/<kind>/metrics.json =
+the dvclive summary of the last logged training metrics + `val` and `test` reconstruction metrics).
+Encoding the data set to latents is pipeline/latents.py.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Callable
 
-import h5py
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 from pipeline.config import Params, to_dict
-from pipeline.data.datasets import FlowFieldDataset, FrameDataset
+from pipeline.data.datasets import FlowFieldDataset, FrameDataset, has_split
 from pipeline.distributed import is_main_process
-from pipeline.io import atomic_path, resolve_device, write_json
+from pipeline.io import atomic_path, file_digest, write_json
 from pipeline.metrics import psnr, ssim
-from pipeline.models.flow_vae import MOVING_PX, FlowVAE, FlowVAEConfig, end_point_error, flow_vae_loss
+from pipeline.losses import end_point_error
+from pipeline.models.flow_vae import MOVING_PX, FlowVAE, FlowVAEConfig, flow_vae_loss
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
-from pipeline.sharding import Shard, write_rows
 from pipeline.training import TrainConfig, seed_everything, train
 
 FIGURE_COLUMNS = 8        # test videos shown in a reconstruction figure (middle frame / flow field of each)
-PIXELS_PER_BATCH = 2 ** 21  # encode: frames (or flow fields) per forward pass = this / (H*W); 512 at 64x64
 
 
 # --- configs ---------------------------------------------------------------------------------------
@@ -176,24 +171,26 @@ def read_dvclive_summary(report_dir: str | Path) -> dict:
 
 def _train_and_report(params: Params, *, kind: str, section, model: VAE, data_path: Path, train_set: Dataset,
                       test_set: Dataset, loss_fn: Callable, checkpoint: str | Path,
-                      evaluate: Callable, save_figure: Callable) -> dict:
-    """Train `model` with the shared loop, then evaluate on test_set and write reports/<kind>/ (main process)."""
+                      evaluate: Callable, save_figure: Callable, val_set: Dataset | None = None) -> dict:
+    """Train `model` with the shared loop, then evaluate on val (for choosing) and test and write reports/<kind>/."""
     latent = check_resolution(model, train_set[0].shape, data_path)
     report_dir = params.paths.report_dir(kind)
     result = train(model, train_set, loss_fn, config=train_config(section), checkpoint=checkpoint, kind=kind,
                    model_args=model.config.to_dict(), params={kind: to_dict(section), "device": params.device},
-                   report_dir=report_dir, device=params.device, extra={"latent_shape": list(latent)})
+                   report_dir=report_dir, device=params.device, extra={"latent_shape": list(latent)},
+                   data_identity={str(data_path): file_digest(data_path)})
     if not is_main_process():
         return {}
     device = next(result.model.parameters()).device
     test = evaluate(result.model, test_set, device=device, batch=section.batch)
     save_figure(result.model, test_set, report_dir / "figures" / "recon.png", device=device)
     metrics = read_dvclive_summary(report_dir)
-    metrics.update({"test": test, "latent_shape": list(latent), "train_seconds": round(result.seconds, 1),
-                    "resumed_from": result.resumed_from, "device": str(device),
+    if val_set is not None:
+        metrics["val"] = evaluate(result.model, val_set, device=device, batch=section.batch)
+    metrics.update({"test": test, "latent_shape": list(latent), "device": str(device),
                     "parameters": sum(p.numel() for p in result.model.parameters())})
     write_json(report_dir / "metrics.json", metrics)
-    return metrics
+    return {**metrics, "run": {"train_seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}}
 
 
 def train_vae(params: Params) -> dict:
@@ -208,6 +205,7 @@ def train_vae(params: Params) -> dict:
     frames = Path(params.paths.frames)
     return _train_and_report(params, kind="vae", section=v, model=model, data_path=frames,
                              train_set=FrameDataset(frames, "train"), test_set=FrameDataset(frames, "test"),
+                             val_set=FrameDataset(frames, "val") if has_split(frames, "val") else None,
                              loss_fn=loss_fn, checkpoint=params.paths.vae, evaluate=evaluate_reconstruction,
                              save_figure=save_recon_figure)
 
@@ -225,81 +223,6 @@ def train_flow_vae(params: Params) -> dict:
     flow_h5 = Path(params.paths.flow)
     return _train_and_report(params, kind="flow_vae", section=v, model=model, data_path=flow_h5,
                              train_set=FlowFieldDataset(flow_h5, "train"), test_set=FlowFieldDataset(flow_h5, "test"),
+                             val_set=FlowFieldDataset(flow_h5, "val") if has_split(flow_h5, "val") else None,
                              loss_fn=loss_fn, checkpoint=params.paths.flow_vae, evaluate=evaluate_flow_reconstruction,
                              save_figure=save_flow_figure)
-
-
-# --- encoding --------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def encode_split(frames: h5py.Group, flow: h5py.Group, out: h5py.Group, *, vae: VAE, flow_vae: FlowVAE,
-                 device: torch.device, frames_path: Path, flow_path: Path, shard: Shard = Shard()) -> dict:
-    """Encode one split video-chunk by video-chunk into `out` (`z` [n,T,C,h,w], `zf` [n,T-1,Cf,h,w]).
-
-    n is the shard's share of the split's N videos (all of them by default, see pipeline.sharding).
-    """
-    if "video" not in frames:
-        raise KeyError(f"{frames_path}: split {frames.name!r} has no 'video' dataset")
-    if "bwd" not in flow:
-        raise KeyError(f"{flow_path}: split {flow.name!r} has no 'bwd' dataset")
-    N, T, H, W, _ = frames["video"].shape
-    if flow["bwd"].shape != (N, T - 1, 2, H, W):
-        raise ValueError(f"{flow_path}: {flow.name}/bwd has shape {flow['bwd'].shape}, expected {(N, T - 1, 2, H, W)} "
-                         f"to match {frames_path} video {frames['video'].shape}")
-    C, h, w = check_resolution(vae, (H, W), frames_path)
-    Cf, hf, wf = check_resolution(flow_vae, (H, W), flow_path)
-    rows = shard.videos(N)  # global video index of each output row
-    n = len(rows)
-    write_rows(out, shard, rows)
-    z = out.create_dataset("z", shape=(n, T, C, h, w), dtype="float32", chunks=(1, T, C, h, w) if n else None)
-    zf = out.create_dataset("zf", shape=(n, T - 1, Cf, hf, wf), dtype="float32",
-                            chunks=(1, T - 1, Cf, hf, wf) if n else None)
-    videos_per_batch = max(1, PIXELS_PER_BATCH // (H * W * T))
-    for v0 in range(0, n, videos_per_batch):
-        v1 = min(n, v0 + videos_per_batch)
-        pick = slice(rows[v0], rows[v1 - 1] + 1, shard.world)  # this chunk's videos, global indices
-        video = torch.from_numpy(frames["video"][pick]).to(device)  # uint8 [b,T,H,W,3]
-        x = video.permute(0, 1, 4, 2, 3).flatten(0, 1).float().div_(255.0)  # [b*T,3,H,W]
-        z[v0:v1] = vae.encode(x)[0].float().reshape(v1 - v0, T, C, h, w).cpu().numpy()
-        bwd = torch.from_numpy(flow["bwd"][pick].astype(np.float32)).to(device)  # [b,T-1,2,H,W]
-        mu = flow_vae.encode(bwd.flatten(0, 1))[0]  # [b*(T-1),Cf,hf,wf]
-        zf[v0:v1] = mu.float().reshape(v1 - v0, T - 1, Cf, hf, wf).cpu().numpy()
-    return {"videos": N, "z": [N, T, C, h, w], "zf": [N, T - 1, Cf, hf, wf]}
-
-
-def encode_latents(frames_h5: str | Path, flow_h5: str | Path, vae_path: str | Path, flow_vae_path: str | Path,
-                   out_h5: str | Path, *, device: str = "auto", shard: Shard = Shard()) -> dict:
-    """Write latents.h5: per split the frame VAE's mu of every frame and the flow VAE's mu of every `bwd` field.
-
-    `out_h5` is written atomically; with a `shard` of several, only its videos (pipeline.sharding).
-    """
-    frames_h5, flow_h5 = Path(frames_h5), Path(flow_h5)
-    for path in (frames_h5, flow_h5):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: input file not found")
-    dev = resolve_device(device)
-    vae_ckpt = load_checkpoint(vae_path, kind="vae", map_location=dev)
-    flow_ckpt = load_checkpoint(flow_vae_path, kind="flow_vae", map_location=dev)
-    vae = model_from_checkpoint(vae_ckpt, "vae", path=vae_path, map_location=dev)
-    flow_vae = model_from_checkpoint(flow_ckpt, "flow_vae", path=flow_vae_path, map_location=dev)
-    t0 = time.perf_counter()
-    report = {"splits": {}}
-    with h5py.File(frames_h5, "r") as frames, h5py.File(flow_h5, "r") as flow, atomic_path(out_h5) as tmp:
-        splits = [s for s in ("train", "val", "test") if s in frames]
-        if not splits:
-            raise KeyError(f"{frames_h5}: no split groups (train/val/test); found {sorted(frames.keys())}")
-        missing = [s for s in splits if s not in flow]
-        if missing:
-            raise KeyError(f"{flow_h5}: splits {missing} present in {frames_h5} are missing; found {sorted(flow.keys())}")
-        with h5py.File(tmp, "w") as out:
-            out.attrs["vae_model_args"] = json.dumps(vae.config.to_dict(), sort_keys=True)
-            out.attrs["flow_vae_model_args"] = json.dumps(flow_vae.config.to_dict(), sort_keys=True)
-            out.attrs["vae_step"], out.attrs["flow_vae_step"] = vae_ckpt["step"], flow_ckpt["step"]
-            out.attrs["latent"] = "mu"
-            for split in splits:
-                report["splits"][split] = encode_split(frames[split], flow[split], out.create_group(split), vae=vae,
-                                                       flow_vae=flow_vae, device=dev, frames_path=frames_h5,
-                                                       flow_path=flow_h5, shard=shard)
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    report["device"] = str(dev)
-    return report

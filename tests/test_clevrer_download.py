@@ -243,7 +243,7 @@ def test_range_fetches_only_requested_members(server, clevrer, tmp_path, tiny_pa
     # 3 of 24 train videos: the tail, the central directory and 3 members, not the archive
     assert server.sent[VIDEOS] < 0.3 * archive, (server.sent[VIDEOS], archive)
     assert all(a["mode"] == "range" for a in report["archives"].values())
-    assert report["bytes_downloaded"] == sum(server.sent.values())
+    assert report["run"]["bytes_downloaded"] == sum(server.sent.values())
     assert report["splits"]["val"] == {"clevrer_split": "train", "count": 1, "first_id": 2, "last_id": 2}
     assert report["splits"]["test"]["first_id"] == 10000
     # members next to each other come in one request: probe + one data run for the 3 train videos
@@ -254,7 +254,7 @@ def test_range_fetches_only_requested_members(server, clevrer, tmp_path, tiny_pa
     server.reset_counts()
     report = run(tmp_path / "raw2", tmp_path / "cache", data)
     check_written(tmp_path / "raw2", clevrer)
-    assert report["archives"]["videos/train/video_train.zip"]["members_from_cache"] == 3
+    assert report["run"]["archives"]["videos/train/video_train.zip"]["members_from_cache"] == 3
     assert server.sent[VIDEOS] <= 16384
 
 

@@ -1,7 +1,7 @@
 """Params validation: unknown keys and bad values fail with the valid choices."""
 import pytest
 
-from conftest import REPO, merge, tiny_params_dict
+from helpers import REPO, override, tiny_params_dict
 from pipeline.config import ConfigError, load_params, params_from_dict, to_dict
 
 
@@ -13,22 +13,22 @@ def test_repo_params_load():
 
 def test_unknown_key_lists_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown param model\.arhc; valid keys: arch"):
-        params_from_dict(merge(tiny_params_dict(), {"model": {"arhc": "latent"}}))
+        params_from_dict(override(tiny_params_dict(), {"model": {"arhc": "latent"}}))
 
 
 def test_unknown_section():
     with pytest.raises(ConfigError, match="unknown param modle"):
-        params_from_dict(merge(tiny_params_dict(), {"modle": {}}))
+        params_from_dict(override(tiny_params_dict(), {"modle": {}}))
 
 
 def test_bad_arch_lists_the_five():
     with pytest.raises(ConfigError) as err:
-        params_from_dict(merge(tiny_params_dict(), {"model": {"arch": "gru"}}))
+        params_from_dict(override(tiny_params_dict(), {"model": {"arch": "gru"}}))
     for arch in ("clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"):
         assert arch in str(err.value)
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize("change, message", [
     ({"data": {"resolution": [30, 32]}}, "divisible by 8"),
     ({"data": {"frames": "many"}}, "expected an integer"),
     ({"eval": {"horizon": 40}}, r"eval.context \+ eval.horizon"),
@@ -39,9 +39,13 @@ def test_bad_arch_lists_the_five():
     ({"data": {"source": "clevrer"}, "flow": {"backend": "gt"}}, "needs data.source=synthetic"),
     ({"ttt": {"enabled": "yes"}}, "expected true or false"),
     ({"eval": {"protocol": "slotformer"}}, r"requires data.resolution=\(64, 64\).*data.stride=2 \(got 1\)"),
+    ({"vae": {"lr": float("inf")}}, r"vae.lr=inf.*finite"),
+    ({"flow_vae": {"downsample": 3}}, r"flow_vae.downsample=3"),
+    ({"vae": {"steps": 0}}, r"vae.steps=0"),
+    ({"eval": {"split": "val"}, "data": {"videos": {"val": 0}}}, r"eval.split='val'.*data.videos.val is 0"),
 ])
-def test_bad_values(override, message):
-    raw = merge(tiny_params_dict(), override)
+def test_bad_values(change, message):
+    raw = override(tiny_params_dict(), change)
     if message is None:
         params_from_dict(raw)
         return
@@ -60,3 +64,28 @@ def test_load_params_names_the_file(tmp_path):
 
 def test_round_trip_through_dict(tiny_params):
     assert params_from_dict(to_dict(tiny_params)) == tiny_params
+
+
+@pytest.mark.parametrize("key", ["vae.lr", "eval.split", "train.warmup", "data.videos.val", "device"])
+def test_a_missing_key_is_an_error_naming_it(key):
+    """params.yaml is the one source of every default: the code has no fallback for a key it lacks."""
+    raw = tiny_params_dict()
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    with pytest.raises(ConfigError, match=f"missing param {key}"):
+        params_from_dict(raw)
+
+
+def test_the_code_holds_no_second_copy_of_a_default():
+    import dataclasses
+
+    from pipeline import config
+
+    for cls in (config.Paths, config.Videos, config.Clevrer, config.Data, config.Synthetic, config.Flow, config.VAE,
+                config.FlowVAE, config.Model, config.Loss, config.Train, config.TTT, config.Eval, config.Params):
+        with_default = [f.name for f in dataclasses.fields(cls)
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert not with_default, f"{cls.__name__} has code defaults for {with_default}"

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from bench.common import copy_project
-from conftest import merge, tiny_params_dict
+from helpers import override, tiny_params_dict
 from pipeline.checkpoint import load_checkpoint, unwrap
 from pipeline.config import load_params
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
@@ -124,7 +124,7 @@ def _frames_h5(path: Path, *, videos: dict[str, int], frames: int = 8, size: int
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_project")
     copy_project(root)
-    raw = merge(tiny_params_dict(), {"device": "cpu", "vae": DDP_VAE})
+    raw = override(tiny_params_dict(), {"device": "cpu", "vae": DDP_VAE})
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / "data").mkdir(exist_ok=True)
     _frames_h5(root / "data" / "frames.h5", videos={"train": 4, "test": 2})

@@ -11,8 +11,9 @@ import torch
 from pipeline.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
 from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig
 from pipeline.models.vae import VAE, VAEConfig
-from pipeline import vae_training
-from pipeline.vae_training import encode_latents
+from pipeline import latents
+from pipeline.io import InputFileError
+from pipeline.latents import encode_latents
 
 from test_vae import write_tiny_flow, write_tiny_frames
 
@@ -34,7 +35,7 @@ def inputs(tmp_path):
 
 def test_encode_writes_mu_of_both_vaes(inputs, monkeypatch):
     tmp, vae, fvae = inputs
-    monkeypatch.setattr(vae_training, "PIXELS_PER_BATCH", 16 * 16 * 6 * 2)  # two videos a batch: exercises chunking
+    monkeypatch.setattr(latents, "PIXELS_PER_BATCH", 16 * 16 * 6 * 2)  # two videos a batch: exercises chunking
     report = encode_latents(tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt", tmp / "lat.h5",
                             device="cpu")
     assert report["splits"]["train"] == {"videos": 3, "z": [3, 6, 4, 4, 4], "zf": [3, 5, 2, 8, 8]}
@@ -72,7 +73,7 @@ def test_encode_missing_split_and_bad_checkpoint(inputs):
                        device="cpu")
     with pytest.raises(CheckpointError, match=r"vae\.pt: checkpoint kind is 'vae', expected 'flow_vae'"):
         encode_latents(tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "vae.pt", tmp / "lat.h5", device="cpu")
-    with pytest.raises(FileNotFoundError, match=r"nope\.h5: input file not found"):
+    with pytest.raises(InputFileError, match=r"nope\.h5: frames file not found"):
         encode_latents(tmp / "nope.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt", tmp / "lat.h5",
                        device="cpu")
     assert not (tmp / "lat.h5").exists()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bench.common import copy_project
-from conftest import tiny_params_dict
+from helpers import tiny_params_dict
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_repro_runs_every_stage_then_is_cached(project):
                 "models/flow_vae.pt", "models/temporal.pt", "dvc.lock"):
         assert (root / rel).is_file(), rel
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    for method in ("model", "copy_last", "flow_extrap", "vae_ceiling"):
+    for method in ("model", "copy_last", "flow_extrap", "flow_advect", "vae_recon"):
         assert set(metrics[method]) >= {"psnr", "ssim", "lpips", "psnr_step1", "ssim_step1"}
     assert metrics["arch"] == "warp_occ" and "collision" in metrics
     flow_report = json.loads((root / "reports/flow/metrics.json").read_text())

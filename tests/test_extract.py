@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import merge, tiny_params_dict
-from pipeline.config import Synthetic, params_from_dict
+from helpers import override, tiny_params_dict, section
+from pipeline.config import params_from_dict
 from pipeline.data import layout
 from pipeline.data.datasets import ClipDataset, FrameDataset
 from pipeline.data.extract import MAX_OBJECTS, ExtractError, compose_strided, extract
@@ -57,7 +57,7 @@ def make_raw(root, params, frames=None):
 
 @pytest.fixture
 def clevrer_params():
-    return params_from_dict(merge(tiny_params_dict(), {"data": {"source": "clevrer", "max_bad_fraction": 0.5},
+    return params_from_dict(override(tiny_params_dict(), {"data": {"source": "clevrer", "max_bad_fraction": 0.5},
                                                        "flow": {"backend": "dis"}}))
 
 
@@ -86,7 +86,7 @@ def test_extract_schema(tmp_path, clevrer_params, workers):
 
 
 def test_stride_keeps_every_other_frame(tmp_path, clevrer_params):
-    params = params_from_dict(merge(tiny_params_dict(), {"data": {"source": "clevrer", "stride": 2},
+    params = params_from_dict(override(tiny_params_dict(), {"data": {"source": "clevrer", "stride": 2},
                                                          "flow": {"backend": "dis"}}))
     raw = make_raw(tmp_path / "raw", params)
     extract(raw, tmp_path / "frames.h5", data=params.data)
@@ -132,7 +132,7 @@ def test_bad_video_is_skipped_and_named(tmp_path, clevrer_params, damage, messag
 
 
 def test_too_many_bad_videos_fail_and_leave_no_output(tmp_path):
-    params = params_from_dict(merge(tiny_params_dict(), {"data": {"source": "clevrer", "max_bad_fraction": 0.1},
+    params = params_from_dict(override(tiny_params_dict(), {"data": {"source": "clevrer", "max_bad_fraction": 0.1},
                                                          "flow": {"backend": "dis"}}))
     raw = make_raw(tmp_path / "raw", params)
     layout.video_path(raw, "train", 0).write_bytes(b"")
@@ -174,7 +174,7 @@ def test_encode_is_lossless_so_decoding_is_reproducible(tmp_path):
     from pipeline.data.synthetic import render_video
     from pipeline.data.video import decode_video
 
-    frames, _, _ = render_video(10000, seed=0, synthetic=Synthetic(width=64, height=48, frames=8))
+    frames, _, _ = render_video(10000, seed=0, synthetic=section("synthetic", width=64, height=48, frames=8))
     yuv420 = np.stack([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p")
                        .reformat(format="rgb24").to_ndarray() for f in frames])  # [T,H,W,3] what yuv420p keeps
     for i in range(12):

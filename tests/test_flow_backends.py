@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Flow
+from helpers import section
+
 from pipeline.flow import warp
 from pipeline.flow.backends import (DISBackend, GTBackend, PairBatch, RAFTBackend, build_backend, raft_input_size,
                                     raft_weights_path)
@@ -132,7 +133,7 @@ def raft_small_weights(torch_home):
 
 def test_raft_loads_the_cached_weights_file(raft_small_weights):
     path, state = raft_small_weights
-    backend, info = build_backend(Flow(backend="raft_small", cpu_num_updates=2), CPU)
+    backend, info = build_backend(section("flow", backend="raft_small", cpu_num_updates=2), CPU)
     assert isinstance(backend, RAFTBackend)
     assert (info.backend, info.backend_used, info.fallback_reason) == ("raft_small", "raft_small", None)
     assert info.weights == str(path) and info.num_updates == 2
@@ -141,7 +142,7 @@ def test_raft_loads_the_cached_weights_file(raft_small_weights):
 
 
 def test_raft_on_cpu_runs_the_cpu_variant_and_says_so(raft_small_weights):
-    backend, info = build_backend(Flow(backend="raft_large", cpu_raft="raft_small", cpu_num_updates=3), CPU)
+    backend, info = build_backend(section("flow", backend="raft_large", cpu_raft="raft_small", cpu_num_updates=3), CPU)
     assert info.backend == "raft_large" and info.backend_used == "raft_small" and info.num_updates == 3
     assert "flow.cpu_raft=raft_small" in info.note and "flow.cpu_num_updates=3" in info.note
     assert backend.num_updates == 3
@@ -149,7 +150,7 @@ def test_raft_on_cpu_runs_the_cpu_variant_and_says_so(raft_small_weights):
 
 @pytest.mark.parametrize("hw", [(37, 50), (24, 40), (64, 64)])
 def test_raft_odd_and_small_sizes(raft_small_weights, hw):
-    backend, _ = build_backend(Flow(backend="raft_small", cpu_num_updates=1), CPU)
+    backend, _ = build_backend(section("flow", backend="raft_small", cpu_num_updates=1), CPU)
     rng = np.random.default_rng(0)
     clip = rng.integers(0, 256, (3, *hw, 3), dtype=np.uint8)
     fwd, bwd = backend(PairBatch.from_clips([clip]))
@@ -159,7 +160,7 @@ def test_raft_odd_and_small_sizes(raft_small_weights, hw):
 
 def test_raft_shared_encoding_equals_torchvision_forward(raft_small_weights):
     """`_pairs` encodes each frame once; it must compute exactly what RAFT.forward computes."""
-    backend, _ = build_backend(Flow(backend="raft_small", cpu_num_updates=2), CPU)
+    backend, _ = build_backend(section("flow", backend="raft_small", cpu_num_updates=2), CPU)
     rng = np.random.default_rng(1)
     pairs = PairBatch.from_clips([rng.integers(0, 256, (4, 40, 48, 3), dtype=np.uint8)])
     x = backend._to_raft_input(pairs.frames)  # [F,3,h,w]
@@ -171,7 +172,7 @@ def test_raft_shared_encoding_equals_torchvision_forward(raft_small_weights):
 
 def test_raft_crops_padding_and_rescales_to_the_frame_grid(raft_small_weights, monkeypatch):
     """A constant flow at RAFT's input resolution comes back scaled by frame size / RAFT size per axis."""
-    backend, _ = build_backend(Flow(backend="raft_small", cpu_num_updates=1), CPU)
+    backend, _ = build_backend(section("flow", backend="raft_small", cpu_num_updates=1), CPU)
     H, W = 37, 50
     (uh, uw), (ph, pw) = raft_input_size(H, W)
     seen = {}
@@ -193,7 +194,7 @@ def test_raft_crops_padding_and_rescales_to_the_frame_grid(raft_small_weights, m
 
 def test_missing_weights_fall_back_loudly_and_are_recorded(torch_home):
     with pytest.warns(RuntimeWarning, match=r"FLOW BACKEND FALLBACK.*raft_small_C_T_V2-01064c6d\.pth"):
-        backend, info = build_backend(Flow(backend="raft_large"), CPU)
+        backend, info = build_backend(section("flow", backend="raft_large"), CPU)
     assert isinstance(backend, DISBackend)
     assert info.backend == "raft_large" and info.backend_used == "dis"
     # on CPU the raft_small file is the one looked for (flow.cpu_raft); the reason names it and where it goes
@@ -203,7 +204,7 @@ def test_missing_weights_fall_back_loudly_and_are_recorded(torch_home):
 
 def test_missing_weights_fallback_to_gt(torch_home):
     with pytest.warns(RuntimeWarning, match="flow.fallback=gt"):
-        backend, info = build_backend(Flow(backend="raft_small", fallback="gt"), CPU)
+        backend, info = build_backend(section("flow", backend="raft_small", fallback="gt"), CPU)
     assert isinstance(backend, GTBackend) and info.backend_used == "gt"
 
 
@@ -212,7 +213,7 @@ def test_corrupt_weights_fall_back_with_the_load_error(torch_home):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
     with pytest.warns(RuntimeWarning, match="could not load raft_small weights"):
-        _, info = build_backend(Flow(backend="raft_small"), CPU)
+        _, info = build_backend(section("flow", backend="raft_small"), CPU)
     assert info.backend_used == "dis" and str(path) in info.fallback_reason
 
 
@@ -223,7 +224,7 @@ def test_wrong_state_dict_is_not_used(torch_home):
     path.parent.mkdir(parents=True)
     torch.save(raft_large(weights=None).state_dict(), path)  # a file under the right name with the wrong model
     with pytest.warns(RuntimeWarning, match="state_dict"):
-        _, info = build_backend(Flow(backend="raft_small"), CPU)
+        _, info = build_backend(section("flow", backend="raft_small"), CPU)
     assert info.backend_used == "dis"
 
 

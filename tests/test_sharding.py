@@ -13,14 +13,14 @@ import torch
 import yaml
 
 from bench.common import copy_project
-from conftest import merge, tiny_params_dict
+from helpers import override, tiny_params_dict, section
 from pipeline.checkpoint import make_checkpoint, save_checkpoint
-from pipeline.config import Flow
+
 from pipeline.flow.compute import compute_flow, flow_report, merge_flow_reports
 from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig
 from pipeline.models.vae import VAE, VAEConfig
 from pipeline.sharding import ROWS, Shard, ShardError, merge_shards, shard_path
-from pipeline.vae_training import encode_latents
+from pipeline.latents import encode_latents
 
 from test_encode import inputs  # noqa: F401  (fixture: tiny frames.h5, flow.h5 and VAE checkpoints)
 from test_flow_stage import write_frames_h5
@@ -60,7 +60,7 @@ def test_shard_videos_partition_and_validation():
 def test_flow_shards_merge_into_the_single_process_file(tmp_path, backend):
     frames = tmp_path / "frames.h5"
     write_frames_h5(frames, {"train": 3, "val": 1, "test": 5})  # 3 ranks: uneven shards, one empty val shard
-    flow = Flow(backend=backend, batch=3)  # batches cross video boundaries
+    flow = section("flow", backend=backend, batch=3)  # batches cross video boundaries
     whole = compute_flow(frames, tmp_path / "flow.h5", flow=flow, device=CPU)
     out = tmp_path / "sharded" / "flow.h5"
     out.parent.mkdir()
@@ -99,13 +99,13 @@ def test_merge_rejects_missing_overlapping_and_mismatched_shards(tmp_path):
     write_frames_h5(frames, {"train": 2, "test": 3})
     out = tmp_path / "flow.h5"
     for r in range(2):
-        compute_flow(frames, shard_path(out, r), flow=Flow(backend="gt"), device=CPU, shard=Shard(r, 2))
+        compute_flow(frames, shard_path(out, r), flow=section("flow", backend="gt"), device=CPU, shard=Shard(r, 2))
     with pytest.raises(ShardError, match=r"\.flow\.h5\.shard-2: shard file not found"):
         merge_shards([shard_path(out, r) for r in range(3)], out)
     with pytest.raises(ShardError, match="split 'test' rows are not each of 0..3 exactly once"):
         merge_shards([shard_path(out, 0), shard_path(out, 0)], out)
     whole = tmp_path / "whole.h5"
-    compute_flow(frames, whole, flow=Flow(backend="gt"), device=CPU)
+    compute_flow(frames, whole, flow=section("flow", backend="gt"), device=CPU)
     with pytest.raises(ShardError, match=f"whole.h5: split 'test' has no '{ROWS}'"):
         merge_shards([shard_path(out, 0), whole], out)
 
@@ -115,7 +115,7 @@ def test_flow_and_encode_stages_under_torchrun_match_one_process(tmp_path):
     """`PIPELINE_NPROC=2 python -m pipeline.launch flow|encode` (torchrun, gloo) == one process."""
     root = tmp_path / "project"
     copy_project(root)
-    raw = merge(tiny_params_dict(), {"device": "cpu", "flow": {"backend": "dis"}})
+    raw = override(tiny_params_dict(), {"device": "cpu", "flow": {"backend": "dis"}})
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / "data").mkdir(exist_ok=True)
     write_frames_h5(root / "data" / "frames.h5", {"train": 3, "val": 1, "test": 3})

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import merge, tiny_params_dict
-from pipeline.config import ConfigError, Synthetic, params_from_dict
+from helpers import override, tiny_params_dict, section
+from pipeline.config import ConfigError, params_from_dict
 from pipeline.data import synthetic as syn_mod
 from pipeline.data.annotations import COLORS, MATERIALS, SHAPES, collision_frames, load_annotation
 from pipeline.data.layout import annotation_path, gt_path, split_ids, video_path
@@ -23,7 +23,7 @@ FLOW_SIZE = {"width": 96, "height": 64, "frames": 8}
 
 
 def _params(**synthetic):
-    return params_from_dict(merge(tiny_params_dict(), {"synthetic": {**FLOW_SIZE, **synthetic}}))
+    return params_from_dict(override(tiny_params_dict(), {"synthetic": {**FLOW_SIZE, **synthetic}}))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_layout_and_report(dataset):
     out, params, report = dataset
     assert report["videos"] == {"train": 4, "val": 1, "test": 2}
     assert report["frames"] == 7 * params.synthetic.frames
-    assert report["seconds"] > 0 and report["seconds_per_frame"] > 0
+    assert report["run"]["seconds"] > 0 and report["run"]["seconds_per_frame"] > 0
     json.dumps(report)  # the stage writes it as JSON
     for cs, vid in _videos(params):
         assert video_path(out, cs, vid).is_file()
@@ -164,7 +164,7 @@ def test_gt_flow_warps_decoded_frames_onto_each_other(dataset):
 
 def test_gt_flow_is_exact_on_the_render():
     """On the uncompressed render (128x96) warping is far better than copying (measured 0.18-0.29 / 0.06-0.15)."""
-    syn = Synthetic(width=128, height=96, frames=6)
+    syn = section("synthetic", width=128, height=96, frames=6)
     for vid in range(3):
         frames, _, gt = render_video(vid, seed=0, synthetic=syn)
         e = _warp_errors(frames, gt)
@@ -175,7 +175,7 @@ def test_gt_flow_is_exact_on_the_render():
 
 def test_gt_flow_maps_each_object_onto_itself():
     """Geometry alone: a visible pixel of object i at t+1, followed along `bwd`, lands on object i at t."""
-    syn = Synthetic(width=128, height=96, frames=6)
+    syn = section("synthetic", width=128, height=96, frames=6)
     cam = Camera(syn.width, syn.height)
     for vid in range(3):
         scene = sample_scene(np.random.default_rng([0, vid]), cam, syn)
@@ -222,7 +222,7 @@ def test_gt_flow_is_forward_backward_consistent(dataset):
 
 
 def test_floor_has_zero_flow_and_objects_move():
-    syn = Synthetic(**FLOW_SIZE, min_objects=3, max_objects=3, enter_fraction=0.0)
+    syn = section("synthetic", **FLOW_SIZE, min_objects=3, max_objects=3, enter_fraction=0.0)
     cam = Camera(syn.width, syn.height)
     scene = sample_scene(np.random.default_rng([0, 5]), cam, syn)
     ren = Renderer(cam, scene)
@@ -241,7 +241,7 @@ def test_floor_has_zero_flow_and_objects_move():
 
 def test_occlusion_between_objects_is_marked():
     """Floor uncovered by a moving object was hidden in the previous frame: vis = 0 there."""
-    syn = Synthetic(**FLOW_SIZE, min_objects=3, max_objects=3, enter_fraction=0.0)
+    syn = section("synthetic", **FLOW_SIZE, min_objects=3, max_objects=3, enter_fraction=0.0)
     cam = Camera(syn.width, syn.height)
     scene = sample_scene(np.random.default_rng([0, 5]), cam, syn)
     ren = Renderer(cam, scene)
@@ -253,9 +253,9 @@ def test_occlusion_between_objects_is_marked():
 
 
 def test_same_seed_identical_files_different_seed_different(tmp_path):
-    base = merge(tiny_params_dict(), {"data": {"videos": {"train": 2, "val": 0, "test": 1}}})
+    base = override(tiny_params_dict(), {"data": {"videos": {"train": 2, "val": 0, "test": 1}}})
     same = params_from_dict(base)
-    other = params_from_dict(merge(base, {"data": {"seed": 1}}))
+    other = params_from_dict(override(base, {"data": {"seed": 1}}))
     dirs = {}
     for name, p in (("a", same), ("b", same), ("c", other)):
         dirs[name] = tmp_path / name
@@ -271,12 +271,12 @@ def test_same_seed_identical_files_different_seed_different(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_render_matches_serial(tmp_path):
-    base = merge(tiny_params_dict(), {"data": {"videos": {"train": 2, "val": 0, "test": 1}}})
-    serial = params_from_dict(merge(base, {"data": {"workers": 1}}))
-    parallel = params_from_dict(merge(base, {"data": {"workers": 2}}))
+    base = override(tiny_params_dict(), {"data": {"videos": {"train": 2, "val": 0, "test": 1}}})
+    serial = params_from_dict(override(base, {"data": {"workers": 1}}))
+    parallel = params_from_dict(override(base, {"data": {"workers": 2}}))
     render_dataset(tmp_path / "s", data=serial.data, synthetic=serial.synthetic)
     report = render_dataset(tmp_path / "p", data=parallel.data, synthetic=parallel.synthetic)
-    assert report["workers"] == min(2, os.cpu_count())
+    assert report["run"]["workers"] == min(2, os.cpu_count())
     for cs, vid in _videos(serial):
         assert gt_path(tmp_path / "s", cs, vid).read_bytes() == gt_path(tmp_path / "p", cs, vid).read_bytes()
         assert annotation_path(tmp_path / "s", cs, vid).read_bytes() == \
@@ -311,7 +311,7 @@ def test_simulate_heavier_body_and_momentum():
 
 def test_dataset_has_collisions_and_no_interpenetration():
     """Default params: collisions are frequent across videos; disks never overlap; events are recorded."""
-    syn = Synthetic()
+    syn = section("synthetic")
     cam = Camera(syn.width, syn.height)
     total = 0
     for vid in range(20):
@@ -331,7 +331,7 @@ def test_dataset_has_collisions_and_no_interpenetration():
 
 
 def test_collisions_reach_the_annotation():
-    syn = Synthetic(width=64, height=48, frames=32)
+    syn = section("synthetic", width=64, height=48, frames=32)
     cam = Camera(syn.width, syn.height)
     hits = 0
     for vid in range(12):
@@ -350,7 +350,7 @@ def test_collisions_reach_the_annotation():
 
 def test_motion_is_visible_but_learnable():
     """At the default 64x64 stored size, objects move ~0.5-2 px per frame on average."""
-    syn = Synthetic(frames=8)  # default size and motion; fewer frames
+    syn = section("synthetic", frames=8)  # default size and motion; fewer frames
     speeds = []
     for vid in range(4):
         _, _, gt = render_video(vid, seed=0, synthetic=syn)
@@ -361,7 +361,7 @@ def test_motion_is_visible_but_learnable():
 
 
 def test_objects_enter_from_outside():
-    syn = Synthetic(width=64, height=48, frames=32, min_objects=4, max_objects=4, enter_fraction=1.0)
+    syn = section("synthetic", width=64, height=48, frames=32, min_objects=4, max_objects=4, enter_fraction=1.0)
     entered = 0
     for vid in range(4):
         _, ann, gt = render_video(vid, seed=0, synthetic=syn)
@@ -372,7 +372,7 @@ def test_objects_enter_from_outside():
 
 
 def test_objects_spin_and_trajectory_matches_render():
-    syn = Synthetic(**FLOW_SIZE)
+    syn = section("synthetic", **FLOW_SIZE)
     _, ann, gt = render_video(11, seed=3, synthetic=syn)
     traj = ann["motion_trajectory"]
     for p in ann["object_property"]:
@@ -390,13 +390,13 @@ def test_objects_spin_and_trajectory_matches_render():
 
 def test_bad_synthetic_params():
     with pytest.raises(ConfigError, match="even"):
-        Synthetic(width=65)
+        section("synthetic", width=65)
     with pytest.raises(ConfigError, match="max_objects"):
-        Synthetic(min_objects=4, max_objects=2)
+        section("synthetic", min_objects=4, max_objects=2)
 
 
 def test_max_objects_fit():
-    syn = Synthetic(min_objects=10, max_objects=10, frames=4, enter_fraction=0.3)
+    syn = section("synthetic", min_objects=10, max_objects=10, frames=4, enter_fraction=0.3)
     for vid in range(3):
         scene = sample_scene(np.random.default_rng([0, vid]), Camera(syn.width, syn.height), syn)
         assert len(scene.shapes) == 10

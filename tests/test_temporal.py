@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_model, make_checkpoint, save_checkpoint
+from pipeline.models.temporal import rebuild_temporal
 from pipeline.config import params_from_dict
 from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig
 from pipeline.models.temporal import ARCHS, build_temporal
@@ -302,7 +303,7 @@ def test_checkpoint_round_trip(tiny_params, arch, tmp_path):
             q.add_(0.01 * torch.randn_like(q))
     path = tmp_path / "temporal.pt"
     save_checkpoint(path, make_checkpoint(kind="temporal", model=model, model_args=model.model_args(), arch=arch))
-    loaded = load_model(path, "temporal")
+    loaded = load_model(path, "temporal", rebuild_temporal)
     assert type(loaded) is type(model) and loaded.arch == arch
     ctx = context_only(make_batch(p, length=p.model.context + 1), p.model.context)
     with torch.no_grad():
@@ -399,7 +400,7 @@ def test_train_temporal_stage(tiny_files, arch, tmp_path):
     assert report["val_psnr_step1"] is not None and report["val_psnr_step1_copy_last"] is not None
     if arch == "clip_lstm":
         assert report["encoder"]["used"] == "cnn"
-    model = load_model(params.paths.temporal, "temporal")
+    model = load_model(params.paths.temporal, "temporal", rebuild_temporal)
     assert model.arch == arch
     metrics = json.loads((params.paths.report_dir("temporal") / "metrics.json").read_text())
     assert "train" in metrics  # dvclive summary of the logged terms

@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from pipeline.checkpoint import (CheckpointError, load_checkpoint, load_model, make_checkpoint, save_checkpoint)
+from pipeline.models.flow_vae import build_flow_vae
+from pipeline.models.vae import build_vae
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
 from pipeline.training import (StepBatchSampler, TrainConfig, lr_at, resume_path, seed_everything, train)
 
@@ -150,7 +152,7 @@ def test_hard_killed_process_resumes(tmp_path):
     again = run(0, tmp_path / "b")
     assert again.returncode == 0 and "resuming vae training" in again.stdout, again.stderr
     reference = _run(tmp_path / "a")
-    assert _same_weights(reference.model, load_model(tmp_path / "b" / "models" / "vae.pt", "vae")) == 0.0
+    assert _same_weights(reference.model, load_model(tmp_path / "b" / "models" / "vae.pt", "vae", build_vae)) == 0.0
 
 
 def test_nonfinite_loss_fails_clearly(tmp_path):
@@ -171,7 +173,7 @@ def test_checkpoint_roundtrip_into_a_fresh_model(tmp_path):
                                                           params={"vae": {"beta": 0.1}}))
     ckpt = torch.load(tmp_path / "vae.pt", weights_only=True)  # plain containers only
     assert ckpt["kind"] == "vae" and ckpt["step"] == 5 and ckpt["arch"] is None and ckpt["optimizer"] is None
-    loaded = load_model(tmp_path / "vae.pt", "vae")
+    loaded = load_model(tmp_path / "vae.pt", "vae", build_vae)
     assert loaded.config == CFG and not loaded.training
     assert _same_weights(model, loaded) == 0.0
     x = torch.rand(1, 3, 16, 16)
@@ -181,27 +183,27 @@ def test_checkpoint_roundtrip_into_a_fresh_model(tmp_path):
 def test_bad_checkpoints_name_the_file(tmp_path):
     path = tmp_path / "vae.pt"
     with pytest.raises(CheckpointError, match=f"{path}: checkpoint not found"):
-        load_model(path, "vae")
+        load_model(path, "vae", build_vae)
     path.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
-        load_model(path, "vae")
+        load_model(path, "vae", build_vae)
     model = VAE(CFG)
     save_checkpoint(path, make_checkpoint(kind="vae", model=model, model_args=CFG.to_dict()))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
     with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
-        load_model(path, "vae")
+        load_model(path, "vae", build_vae)
     save_checkpoint(path, make_checkpoint(kind="vae", model=model, model_args=CFG.to_dict()))
     with pytest.raises(CheckpointError, match=f"{path}: checkpoint kind is 'vae', expected 'flow_vae'"):
-        load_model(path, "flow_vae")
+        load_model(path, "flow_vae", build_flow_vae)
     torch.save({"weights": model.state_dict()}, path)
     with pytest.raises(CheckpointError, match=f"{path}: not a pipeline checkpoint"):
-        load_model(path, "vae")
+        load_model(path, "vae", build_vae)
     save_checkpoint(path, make_checkpoint(kind="vae", model=model, model_args={**CFG.to_dict(), "hidden": 32}))
     with pytest.raises(CheckpointError, match=f"{path}: weights do not fit"):
-        load_model(path, "vae")
+        load_model(path, "vae", build_vae)
     save_checkpoint(path, make_checkpoint(kind="vae", model=model, model_args={**CFG.to_dict(), "downsample": 3}))
     with pytest.raises(CheckpointError, match=f"{path}: cannot rebuild the vae model"):
-        load_model(path, "vae")
+        load_model(path, "vae", build_vae)
 
 
 def test_checkpoint_refuses_pickled_objects(tmp_path):

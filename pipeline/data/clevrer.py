@@ -114,16 +114,18 @@ def download_clevrer(out_dir: str | Path, *, data: Data, cache_dir: str | Path, 
     for rel, wanted in plan_members(plan, proposals=data.clevrer.proposals).items():
         archives[rel] = fetch_members(f"{base}/{rel}", wanted, out_dir=out_dir, cache_dir=cache_dir,
                                       retries=retries, retry_wait=retry_wait, progress=progress)
+    run_keys = ("bytes_downloaded", "members_from_cache", "seconds")  # depend on the cache, not on the data
     return {
         "source": "clevrer",
         "url": base,
         "splits": {split: {"clevrer_split": cs, "count": len(ids), "first_id": ids[0], "last_id": ids[-1]}
                    for split, (cs, ids) in plan.items()},
         "proposals": data.clevrer.proposals,
-        "archives": archives,
+        "archives": {rel: {k: v for k, v in a.items() if k not in run_keys} for rel, a in archives.items()},
         "files": sum(a["members"] for a in archives.values()),
-        "bytes_downloaded": sum(a["bytes_downloaded"] for a in archives.values()),
-        "seconds": round(time.time() - t0, 2),
+        "run": {"bytes_downloaded": sum(a["bytes_downloaded"] for a in archives.values()),
+                "seconds": round(time.time() - t0, 2),
+                "archives": {rel: {k: a[k] for k in run_keys} for rel, a in archives.items()}},
     }
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.io import open_h5
+
 
 class _H5Files:
     """HDF5 handles opened lazily, once per process (safe with DataLoader workers)."""
@@ -21,21 +23,36 @@ class _H5Files:
         if self._pid != os.getpid():
             self._pid, self._files = os.getpid(), {}
         if key not in self._files:
-            self._files[key] = h5py.File(self.paths[key], "r")
+            self._files[key] = open_h5(self.paths[key])
         return self._files[key]
 
     def __getstate__(self):
         return {"paths": self.paths, "_pid": None, "_files": {}}
 
 
+def has_split(path: str | Path, split: str) -> bool:
+    """Whether a frames.h5 / flow.h5 / latents.h5 holds a (non-empty) group for `split`."""
+    with open_h5(path) as f:
+        return split in f and len(f[split]) > 0
+
+
 def split_group(path: str | Path, split: str) -> tuple[int, ...]:
     """Shape of `<split>/video` in a frames.h5 (or `<split>/bwd` in a flow.h5); clear error when absent."""
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         if split not in f:
             raise KeyError(f"{path}: no split {split!r}; found {sorted(f.keys())}")
         group = f[split]
         key = "video" if "video" in group else "bwd" if "bwd" in group else "z"
         return tuple(group[key].shape)
+
+
+def flow_backend(flow_h5: str | Path) -> str:
+    """The backend that really produced a flow.h5 (`backend_used`, with the one it replaced after a fallback)."""
+    with open_h5(flow_h5, what="flow file") as f:
+        used, asked = str(f.attrs.get("backend_used", "")), str(f.attrs.get("backend", ""))
+    if not used:
+        raise ValueError(f"{flow_h5}: no backend_used attribute; was it written by the flow stage?")
+    return used if used == asked or not asked else f"{used} (fallback from {asked})"
 
 
 def _frames_to_tensor(video: np.ndarray) -> torch.Tensor:

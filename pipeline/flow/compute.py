@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Flow, params_hash, to_dict
+from pipeline.io import open_h5
 from pipeline.flow.backends import BackendInfo, FlowBackend, FlowBackendError, PairBatch, build_backend
 from pipeline.flow.ops import occlusion
 from pipeline.sharding import Shard, write_rows
@@ -159,21 +160,15 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
                  shard: Shard = Shard()) -> dict:
     """Write flow.h5 at `out_path` (a path the caller makes atomic) from frames.h5; return the report.
 
-    The report has `backend_info`, `pairs`, `seconds`, `pairs_per_s`, per-split `visible_fraction`,
+    The report has `backend_info`, `pairs`, `run` (seconds, pairs/s: for the log), per-split `visible_fraction`,
     `quality` on the test split when frames.h5 carries exact flow (else None), and `examples`
     (arrays for the figure: frames, flows, masks of the middle pair of the first `figure_pairs` test videos).
     With a `shard` of several, only its videos are computed and written (with their global rows, see
     pipeline.sharding); `merge_flow_reports` combines the shards' reports.
     """
     frames_path, out_path = Path(frames_path), Path(out_path)
-    if not frames_path.is_file():
-        raise FlowInputError(f"{frames_path}: frames file not found (run the extract stage first)")
     device = torch.device(device)
-    try:
-        frames = h5py.File(frames_path, "r")
-    except OSError as e:
-        raise FlowInputError(f"{frames_path}: not a readable HDF5 file: {e}") from None
-    with frames:
+    with open_h5(frames_path, what="frames file") as frames:
         splits = _splits(frames, frames_path)
         backend_, info = backend if backend is not None else build_backend(flow, device)
         if info.backend_used == "gt":
@@ -244,8 +239,9 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
                     report["examples"] = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
                 log.info("flow: %s done (%d pairs)", split, N * P)
         seconds = time.perf_counter() - t_start
-    report.update(pairs=total_pairs, seconds=seconds, pairs_per_s=total_pairs / max(seconds, 1e-9),
-                  torch_threads=torch.get_num_threads(), ranks=shard.world)
+    report.update(pairs=total_pairs,
+                  run={"seconds": seconds, "pairs_per_s": total_pairs / max(seconds, 1e-9),
+                       "torch_threads": torch.get_num_threads(), "ranks": shard.world})
     return report
 
 
@@ -270,8 +266,8 @@ def merge_flow_reports(reports: list[dict]) -> dict:
         order = np.argsort(np.concatenate([e["video"] for e in examples]), kind="stable")
         out["examples"] = {k: np.concatenate([e[k] for e in examples])[order] for k in examples[0]}
     out["pairs"] = sum(r["pairs"] for r in reports)
-    out["seconds"] = max(r["seconds"] for r in reports)
-    out["pairs_per_s"] = out["pairs"] / max(out["seconds"], 1e-9)
+    seconds = max(r["run"]["seconds"] for r in reports)
+    out["run"] = {**reports[0]["run"], "seconds": seconds, "pairs_per_s": out["pairs"] / max(seconds, 1e-9)}
     return out
 
 
@@ -343,10 +339,6 @@ def flow_report(report: dict, flow: Flow) -> dict:
         "weights": info["weights"],
         "note": info["note"],
         "pairs": report["pairs"],
-        "seconds": round(report["seconds"], 3),
-        "pairs_per_s": round(report["pairs_per_s"], 3),
-        "torch_threads": report["torch_threads"],
-        "ranks": report["ranks"],
         "splits": {name: {k: split[k] for k in ("videos", "pairs", "visible_fraction")}
                    for name, split in report["splits"].items()},
         "params": to_dict(flow),

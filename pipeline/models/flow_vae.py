@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.losses import end_point_error
 from pipeline.models.vae import VAE, VAEConfig, kl_divergence, kl_weight
 
 MOVING_PX = 0.5  # pixels; a pixel counts as moving above this flow magnitude
@@ -54,23 +55,6 @@ class FlowVAE(VAE):
         return super().decode(z) * self.config.flow_scale
 
 
-def end_point_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean end-point error: mean over pixels of the L2 norm of the flow difference (channel dim 1).
-
-    weight [B,...] (the flow shape without the channel dim): a weighted mean over pixels instead.
-    """
-    if pred.shape != target.shape or pred.ndim < 2 or pred.shape[1] != 2:
-        raise ValueError(f"expected two flows [B,2,...] of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    diff = pred.float() - target.float()
-    epe = torch.sqrt(diff.pow(2).sum(1) + 1e-12)  # [B,...]
-    if weight is None:
-        return epe.mean()
-    if weight.shape != epe.shape:
-        raise ValueError(f"expected weight of shape {tuple(epe.shape)} for flows {tuple(pred.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    return (epe * weight).sum() / weight.sum()
-
-
 def moving_weights(flow: torch.Tensor, moving_weight: float) -> torch.Tensor:
     """Per-pixel loss weights [B,H,W] for flow [B,2,H,W]: `moving_weight` where |flow| > MOVING_PX, else 1."""
     moving = flow.float().norm(dim=1) > MOVING_PX  # [B,H,W]
@@ -102,3 +86,8 @@ def _config(model: torch.nn.Module) -> FlowVAEConfig:
     while not hasattr(model, "config") and hasattr(model, "module"):
         model = model.module
     return model.config
+
+
+def build_flow_vae(args: dict, arch: str | None = None) -> FlowVAE:
+    """The flow VAE a checkpoint's model_args describe (untrained; load its weights after)."""
+    return FlowVAE(FlowVAEConfig(**args))

@@ -197,3 +197,8 @@ def frame_vae_loss(model: VAE, x: torch.Tensor, *, beta: float, warmup: int = 0,
     kl = kl_divergence(mu.float(), logvar.float())
     w = kl_weight(step, beta=beta, warmup=warmup)
     return {"total": l1 + w * kl, "l1": l1, "kl": kl, "kl_weight": torch.tensor(w)}
+
+
+def build_vae(args: dict, arch: str | None = None) -> VAE:
+    """The frame VAE a checkpoint's model_args describe (untrained; load its weights after)."""
+    return VAE(VAEConfig(**args))

@@ -7,7 +7,7 @@ cache (partial and fetched archive data, for resuming) is data/.download_cache/,
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, split_run_info, write_json
 
 REPORT_NAME = "download_report.json"
 
@@ -31,10 +31,11 @@ def main() -> None:
                 report = download_clevrer(tmp, data=params.data, cache_dir=cache_dir_for(raw))
             except DownloadError as err:
                 raise SystemExit(f"download: {err}") from None
+        report, run = split_run_info(report)
         write_json(tmp / REPORT_NAME, report)
     n_videos = sum(1 for _ in raw.glob("videos/*/*/*.mp4"))
-    extra = (f", {report['bytes_downloaded'] / 2**20:.1f} MiB downloaded" if "bytes_downloaded" in report else "")
-    print(f"download: {params.data.source}: {n_videos} videos in {report.get('seconds', '?')} s{extra} -> {raw}")
+    extra = f", {run['bytes_downloaded'] / 2**20:.1f} MiB downloaded" if "bytes_downloaded" in run else ""
+    print(f"download: {params.data.source}: {n_videos} videos in {run.get('seconds', '?')} s{extra} -> {raw}")
 
 
 if __name__ == "__main__":

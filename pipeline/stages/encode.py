@@ -6,7 +6,7 @@ merges the shards into data/latents.h5 (pipeline.sharding).
 from pipeline.config import load_params
 from pipeline.distributed import shutdown_distributed
 from pipeline.sharding import run_sharded
-from pipeline.vae_training import encode_latents
+from pipeline.latents import encode_latents
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def main() -> None:
     quality = f", test EPE {q['epe']:.3f} px, occlusion F1 {q['occlusion']['f1']}" if q else ""
     fallback = f" (FALLBACK from {metrics['backend']}: {metrics['fallback_reason']})" if metrics["fallback_reason"] else ""
     print(f"flow: {metrics['backend_used']}{fallback} on {metrics['device']}, {metrics['pairs']} pairs, "
-          f"{metrics['pairs_per_s']:.1f} pairs/s{quality}, {metrics['ranks']} rank(s) -> {params.paths.flow}")
+          f"{report['run']['pairs_per_s']:.1f} pairs/s{quality}, {report['run']['ranks']} rank(s) -> {params.paths.flow}")
 
 
 if __name__ == "__main__":

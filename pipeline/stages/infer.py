@@ -1,4 +1,4 @@
-"""Stage infer: test split + trained models -> data/predictions.h5 (rollouts, TTT, 1-step, baselines)."""
+"""Stage infer: eval.split videos + trained models -> data/predictions.h5 (rollouts, TTT, 1-step, baselines)."""
 import json
 
 from pipeline.config import load_params
@@ -8,13 +8,13 @@ from pipeline.inference import infer
 def main() -> None:
     params = load_params()
     summary = infer(params)
-    timing = {k: round(v, 2) for k, v in summary["timing"].items() if k.startswith("fps_") and v is not None}
+    fps = {k: round(v, 2) for k, v in summary["frames_per_second"].items()}
     ttt = summary["ttt"]
     ttt_line = (f"TTT {ttt['steps']} steps on {ttt['params']} ({ttt['num_parameters']} weights): context loss "
                 f"{ttt.get('loss_before_mean')} -> {ttt.get('loss_after_mean')}" if ttt["supported"]
                 else f"TTT skipped: {ttt['reason']}")
-    print(f"infer: {summary['videos']} test videos, methods {summary['methods']}; {ttt_line}; "
-          f"frames/s {json.dumps(timing)} -> {params.paths.predictions}")
+    print(f"infer: {summary['videos']} {params.eval.split} videos, methods {summary['methods']}; {ttt_line}; "
+          f"frames/s {json.dumps(fps)} -> {params.paths.predictions}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ def main() -> None:
             t = metrics["test"]
             print(f"train_flow_vae: test EPE {t['epe']:.4f}px (zero flow {t['epe_zero_flow']:.4f}px), "
                   f"moving pixels {t['epe_moving']}px (zero flow {t['epe_moving_zero_flow']}px), "
-                  f"latent {metrics['latent_shape']}, {metrics['train_seconds']:.0f}s -> {params.paths.flow_vae}")
+                  f"latent {metrics['latent_shape']}, {metrics['run']['train_seconds']:.0f}s -> {params.paths.flow_vae}")
     finally:
         shutdown_distributed()
 

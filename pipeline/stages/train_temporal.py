@@ -2,7 +2,7 @@
 import json
 
 from pipeline.config import load_params
-from pipeline.io import write_json
+from pipeline.io import split_run_info, write_json
 from pipeline.temporal import train_temporal
 from pipeline.distributed import shutdown_distributed
 
@@ -15,11 +15,12 @@ def main() -> None:
         shutdown_distributed()
     if not report:  # not rank 0
         return
+    report, run = split_run_info(report)
     path = params.paths.report_dir("temporal") / "metrics.json"
     logged = json.loads(path.read_text()) if path.is_file() else {}  # dvclive's summary of the last step
     write_json(path, {**logged, **report})
     gain = report.get("val_psnr_step1_gain")
-    print(f"train_temporal: {report['arch']} {report['steps']} steps in {report['train_seconds']} s, "
+    print(f"train_temporal: {report['arch']} {report['steps']} steps in {run['train_seconds']} s, "
           f"loss {report['loss'].get('total')}"
           + (f", val 1-step PSNR {report['val_psnr_step1']} dB ({gain:+.2f} dB vs copy-last)" if gain is not None else "")
           + f" -> {params.paths.temporal}")

@@ -10,7 +10,7 @@ def main() -> None:
         metrics = train_vae(params)  # {} on ranks other than 0 under torchrun
         if metrics:
             print(f"train_vae: test PSNR {metrics['test']['psnr']:.2f} dB, SSIM {metrics['test']['ssim']:.4f}, "
-                  f"latent {metrics['latent_shape']}, {metrics['train_seconds']:.0f}s on {metrics['device']} "
+                  f"latent {metrics['latent_shape']}, {metrics['run']['train_seconds']:.0f}s on {metrics['device']} "
                   f"-> {params.paths.vae}")
     finally:
         shutdown_distributed()

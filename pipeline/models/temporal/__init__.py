@@ -63,5 +63,10 @@ def build_temporal(arch: str | None, *, model, loss, frame_size, num_boxes: int,
     return ARCHS[arch](**kwargs)
 
 
-__all__ = ["ARCHS", "build_temporal", "TemporalModel", "ClipLSTM", "LatentTransformer", "LatentFlow", "WarpOcc",
+def rebuild_temporal(model_args: dict, arch: str | None) -> TemporalModel:
+    """The temporal model a checkpoint's model_args and arch describe (the checkpoint Builder)."""
+    return build_temporal(arch, **model_args)  # clip_lstm's args say load_pretrained=False: weights come after
+
+
+__all__ = ["ARCHS", "build_temporal", "rebuild_temporal", "TemporalModel", "ClipLSTM", "LatentTransformer", "LatentFlow", "WarpOcc",
            "DualVAE"]
