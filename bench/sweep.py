@@ -2,6 +2,7 @@
 
     python bench/sweep.py -S ttt.steps=0,5,20 [-S ttt.lr=1e-4,3e-4] [--name ttt] [--base DIR]
     python bench/sweep.py -S vae.steps=1000,2000,3000 --name vae_steps
+    python bench/sweep.py -S ttt.steps=5,20 --fix model.context=3 --base DIR   # DIR holds a trained temporal.pt
 
 Every combination of the listed values (a grid) is run in its own temporary directory: the stages from the
 first one its params reach (flow, train_vae, train_flow_vae, encode, train_temporal, infer, evaluate)
@@ -111,7 +112,10 @@ def _stage_functions() -> dict[str, Callable]:
 
 def run_variant(raw: dict, overrides: dict, *, base: Path, work: Path, split: str,
                 log: Callable[[str], None] = print) -> dict:
-    """Run the stages `overrides` reach with params raw + overrides on `split`; return metrics.json's content."""
+    """Run the stages `overrides` reach with params raw + overrides on `split`; return metrics.json's content.
+
+    `raw` may already hold fixed overrides (--fix): they describe the base run and re-run nothing.
+    """
     from pipeline.config import params_from_dict
 
     raw = json.loads(json.dumps(raw))
@@ -150,11 +154,13 @@ def headline(metrics: dict) -> dict:
 
 
 def sweep(grid: dict[str, list], *, base: Path, split: str, params_file: Path = REPO / "params.yaml",
-          keep: Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run every combination of `grid` (key -> values); return [{overrides, metrics}] in grid order."""
+          fixed: dict | None = None, keep: Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every combination of `grid` (key -> values) over params + `fixed`; return [{overrides, metrics}]."""
     if split == "test":
         raise SystemExit("sweeps choose defaults and must not read the test split: use --split val")
     raw = yaml.safe_load(params_file.read_text())
+    for key, value in (fixed or {}).items():
+        set_key(raw, key, value)
     keys = list(grid)
     results = []
     with tempfile.TemporaryDirectory(prefix="sweep_") as tmp:
@@ -175,6 +181,7 @@ def sweep(grid: dict[str, list], *, base: Path, split: str, params_file: Path = 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set", action="append", default=[], required=True, help="KEY=V1[,V2...] (a grid)")
+    ap.add_argument("--fix", action="append", default=[], help="KEY=VALUE the base run was made with (re-runs nothing)")
     ap.add_argument("--split", default="val", help="the split to score (only val is allowed)")
     ap.add_argument("--base", type=Path, default=REPO, help="directory holding the base run's data/ and models/")
     ap.add_argument("--name", default=None, help="results name: bench/results/sweep_<name>.json")
@@ -182,10 +189,12 @@ def main() -> None:
     if args.split != "val":
         raise SystemExit(f"--split {args.split}: sweeps choose defaults and read only the val split")
     grid = parse_grid(args.set)
+    fixed = {k: v[0] for k, v in parse_grid(args.fix).items()}
     t0 = time.perf_counter()
-    results = sweep(grid, base=args.base.resolve(), split=args.split)
+    results = sweep(grid, base=args.base.resolve(), split=args.split, fixed=fixed)
     name = args.name or "_".join(k.replace(".", "-") for k in grid)
-    path = save(f"sweep_{name}", {"split": args.split, "grid": grid, "seconds": round(time.perf_counter() - t0),
+    path = save(f"sweep_{name}", {"split": args.split, "grid": grid, "fixed": fixed, "base": str(args.base),
+                                  "seconds": round(time.perf_counter() - t0),
                                   "results": [{"overrides": r["overrides"], **headline(r["metrics"])}
                                               for r in results]})
     print(f"-> {path}")

@@ -29,6 +29,7 @@ class Paths:
     vae: str
     flow_vae: str
     temporal: str
+    pretrained: str
     reports: str
 
     def report_dir(self, stage: str) -> Path:
@@ -121,6 +122,7 @@ class Flow:
     cpu_num_updates: int  # RAFT iterations when running on CPU
     batch: int
     dis_preset: Literal["ultrafast", "fast", "medium"]
+    dis_scale: int  # DIS runs on frames upscaled by this factor (patches smaller than the objects)
     occ_alpha1: float
     occ_alpha2: float
 
@@ -128,6 +130,7 @@ class Flow:
         _check(self.num_updates >= 1, "flow.num_updates", self.num_updates, "must be >= 1")
         _check(self.cpu_num_updates >= 1, "flow.cpu_num_updates", self.cpu_num_updates, "must be >= 1")
         _check(self.batch >= 1, "flow.batch", self.batch, "must be >= 1")
+        _check(self.dis_scale in (1, 2, 3, 4), "flow.dis_scale", self.dis_scale, "valid: 1, 2, 3, 4")
         _check(self.occ_alpha1 >= 0, "flow.occ_alpha1", self.occ_alpha1, "must be >= 0")
         _check(self.occ_alpha2 > 0, "flow.occ_alpha2", self.occ_alpha2, "must be > 0")
 
@@ -192,6 +195,8 @@ class Model:
     context: int
     encoder: Literal["resnet18", "vit_b_16", "cnn"]
     decode: Literal["delta", "direct"]  # latent archs' frames: last frame + D(z_hat) - D(z_last), or D(z_hat)
+    warp_space: Literal["pixel", "latent"]  # warp_occ: warp the last real frame (pixel) or the latent (latent)
+    mask: Literal["learned", "ones"]  # warp_occ: the occlusion mask, or fixed at 1 (the ablation)
 
     def __post_init__(self):
         _check(self.hidden >= 1, "model.hidden", self.hidden, "must be >= 1")
@@ -284,9 +289,20 @@ class Eval:
 
 
 @dataclass(frozen=True)
+class Weights:
+    download: bool  # fetch pretrained weights missing from the torch hub cache (the pretrained stage)
+    url: str  # a mirror base for them (http(s):// or file://); "" = torchvision's own URLs
+
+    def __post_init__(self):
+        _check(self.url == "" or self.url.startswith(("http://", "https://", "file://")), "weights.url", self.url,
+               'must be "" (torchvision\'s URLs) or start with http://, https:// or file://')
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths
     device: Literal["auto", "cpu", "cuda"]
+    weights: Weights
     data: Data
     synthetic: Synthetic
     flow: Flow

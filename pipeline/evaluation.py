@@ -231,13 +231,15 @@ def write_plot_tables(details: dict, plots_dir: str | Path) -> list[Path]:
 def evaluate(params, *, log: Callable[[str], None] = print) -> dict:
     """The evaluate stage: score predictions.h5, write metrics.json, details, per-video scores, plots, figures."""
     from pipeline.io import resolve_device
+    from pipeline.pretrained import hub_dir, weights_dir
     from pipeline.report import plot_curves, write_figures
 
     paths, ev = params.paths, params.eval
     device = resolve_device(params.device)
     lpips_model, lpips_note = None, None
     try:
-        lpips_model = load_lpips(ev.lpips_net, device=device)
+        with hub_dir(weights_dir(paths.pretrained, "lpips")):  # the backbone from the pretrained stage
+            lpips_model = load_lpips(ev.lpips_net, device=device)
     except LPIPSUnavailable as e:
         lpips_note = str(e)
         log(f"evaluate: LPIPS reported as null: {lpips_note}")
@@ -248,6 +250,9 @@ def evaluate(params, *, log: Callable[[str], None] = print) -> dict:
     metrics, details, per_video = summarize(scored, collision_threshold=ev.collision_threshold, lpips_note=lpips_note,
                                             resamples=ev.bootstrap, level=ev.confidence, seed=ev.seed)
     metrics["lpips_net"] = ev.lpips_net
+    # numeric flags, so a fallback shows in `dvc metrics show/diff`, not only in a note
+    metrics["lpips_computed"] = int(lpips_model is not None)
+    metrics["flow_fallback"] = int("fallback" in metrics["flow_backend"])
     details.update(protocol=ev.protocol, lpips_net=ev.lpips_net)
     reports = Path(paths.reports)
     write_plot_tables(details, reports / "plots")

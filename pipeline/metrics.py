@@ -6,15 +6,15 @@ image, shape [...] (the leading dims of the input), so callers average however t
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.pretrained import hub_path, torchvision_weights
 
 __all__ = [
     "psnr", "ssim", "gaussian_window", "LPIPSUnavailable", "lpips_backbone_path", "load_lpips",
@@ -89,19 +89,11 @@ class LPIPSUnavailable(RuntimeError):
     """LPIPS cannot be computed honestly here (e.g. the ImageNet backbone weights are not cached)."""
 
 
-def _backbone_weights(net: str):
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
-
-    table = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}
-    if net not in table:
-        raise ValueError(f"lpips net must be one of {sorted(table)}, got {net!r}")
-    return table[net]
-
-
 def lpips_backbone_path(net: str = "alex") -> Path:
-    """Where torchvision looks for the LPIPS backbone's ImageNet weights: $TORCH_HOME/hub/checkpoints/<file>."""
-    url = _backbone_weights(net).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    """Where torchvision looks for the LPIPS backbone's ImageNet weights: <torch hub dir>/checkpoints/<file>."""
+    if net not in ("alex", "vgg"):
+        raise ValueError(f"lpips net must be one of ['alex', 'vgg'], got {net!r}")
+    return hub_path(net)
 
 
 def load_lpips(net: str = "alex", *, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -113,7 +105,8 @@ def load_lpips(net: str = "alex", *, device: str | torch.device = "cpu") -> torc
     path = lpips_backbone_path(net)
     if not path.is_file():
         raise LPIPSUnavailable(f"LPIPS({net}) backbone weights not found at {path} (no network download is "
-                               f"attempted); place torchvision's {_backbone_weights(net)} file there to enable LPIPS")
+                               f"attempted here); run the pretrained stage with weights.download: true, or place torchvision's "
+                               f"{torchvision_weights(net)} file in the torch hub cache and re-run dvc repro")
     try:
         import lpips
     except ImportError as e:  # pragma: no cover - lpips is in requirements.txt

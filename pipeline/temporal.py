@@ -23,8 +23,9 @@ from pipeline.distributed import is_main_process
 from pipeline.io import file_digest, open_h5
 from pipeline.metrics import psnr
 from pipeline.models.flow_vae import build_flow_vae
-from pipeline.models.temporal import NEEDS_FLOW_VAE, NEEDS_VAE, build_temporal
+from pipeline.models.temporal import build_temporal, needs_vae
 from pipeline.models.vae import build_vae
+from pipeline.pretrained import hub_dir, weights_dir
 from pipeline.training import TrainConfig, seed_everything, train, to_device
 
 CONTEXT_KEYS = ("frames", "z", "zf", "flow_bwd", "flow_fwd", "occ")
@@ -55,9 +56,9 @@ def _num_boxes(frames_h5: str | Path, split: str) -> int:
 
 def load_vaes(params: Params, arch: str, device: torch.device | str = "cpu") -> tuple[nn.Module | None, nn.Module | None]:
     """The trained frame / flow VAEs an arch needs (None where it needs none)."""
-    vae = load_model(params.paths.vae, "vae", build_vae, map_location=device) if arch in NEEDS_VAE else None
-    flow_vae = (load_model(params.paths.flow_vae, "flow_vae", build_flow_vae, map_location=device)
-                if arch in NEEDS_FLOW_VAE else None)
+    want_vae, want_flow_vae = needs_vae(arch, params.model)
+    vae = load_model(params.paths.vae, "vae", build_vae, map_location=device) if want_vae else None
+    flow_vae = load_model(params.paths.flow_vae, "flow_vae", build_flow_vae, map_location=device) if want_flow_vae else None
     return vae, flow_vae
 
 
@@ -103,12 +104,14 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
     checkpoint = Path(checkpoint or p.paths.temporal)
     report_dir = Path(report_dir or p.paths.report_dir("temporal"))
     length = p.model.context + p.train.rollout
-    latents = p.paths.latents if arch in NEEDS_VAE else None  # clip_lstm works on frames alone
+    want_vae, want_flow_vae = needs_vae(arch, p.model)
+    latents = p.paths.latents if want_vae else None  # clip_lstm and pixel-space warp_occ work on frames alone
     dataset = ClipDataset(p.paths.frames, "train", length, flow_h5=p.paths.flow, latents_h5=latents)
     seed_everything(p.train.seed)
     vae, flow_vae = load_vaes(p, arch)
-    model = build_temporal(arch, model=p.model, loss=p.loss, frame_size=tuple(p.data.resolution),
-                           num_boxes=_num_boxes(p.paths.frames, "train"), vae=vae, flow_vae=flow_vae)
+    with hub_dir(weights_dir(p.paths.pretrained, "encoder")):  # clip_lstm's encoder weights (pretrained stage)
+        model = build_temporal(arch, model=p.model, loss=p.loss, frame_size=tuple(p.data.resolution),
+                               num_boxes=_num_boxes(p.paths.frames, "train"), vae=vae, flow_vae=flow_vae)
     t = p.train
     config = TrainConfig(steps=steps or t.steps, batch=min(t.batch, len(dataset)), lr=t.lr, seed=t.seed,
                          workers=t.workers, warmup=t.warmup, clip_grad=t.clip_grad, ckpt_every=t.ckpt_every,
@@ -117,8 +120,8 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
     if encoder is not None and encoder["used"] != encoder["requested"]:
         print(f"[train_temporal] WARNING: {encoder['reason']}", flush=True)
     t0 = time.perf_counter()
-    inputs = [p.paths.frames, p.paths.flow] + ([p.paths.latents, p.paths.vae] if arch in NEEDS_VAE else []) + (
-        [p.paths.flow_vae] if arch in NEEDS_FLOW_VAE else [])
+    inputs = [p.paths.frames, p.paths.flow] + ([p.paths.latents, p.paths.vae] if want_vae else []) + (
+        [p.paths.flow_vae] if want_flow_vae else [])
     stage_params = {"model": to_dict(p.model), "loss": to_dict(p.loss), "train": to_dict(p.train), "device": p.device}
     result = train(model, dataset, temporal_loss, config=config, checkpoint=checkpoint, kind="temporal",
                    model_args=model.model_args(), arch=arch, params=stage_params, report_dir=report_dir,

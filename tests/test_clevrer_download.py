@@ -1,14 +1,17 @@
 """CLEVRER downloader against a local HTTP server serving small zips in the real CLEVRER layout."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import threading
+import time
 import uuid
 import zipfile
 from collections import Counter
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import params_from_dict
+from pipeline.data import clevrer as downloader
 from pipeline.data import layout
 from pipeline.data.clevrer import DownloadError, UnsafeArchiveError, download_clevrer
 from pipeline.data.video import decode_video, encode_video
@@ -57,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404, "Not Found")
             return
         start, end, status = 0, len(body) - 1, 200
-        if rng and fake.ranges:
+        if rng and fake.ranges and not (fake.suffix_only and not rng.startswith("bytes=-")):
             m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng)
             if m[1] == "":
                 start = max(0, len(body) - int(m[2]))
@@ -86,11 +90,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FakeServer:
-    """HTTP on 127.0.0.1 (random port) serving in-memory files; honours Range unless ranges=False, HEAD
-    unless head=False, and can cut the next long transfer of a path after a given number of bytes."""
+    """HTTP on 127.0.0.1 (random port) serving in-memory files; honours Range unless ranges=False (or only a
+    suffix range with suffix_only=True), HEAD unless head=False, and can cut the next long transfer of a path
+    after a given number of bytes."""
 
-    def __init__(self, files: dict[str, bytes], *, ranges: bool = True, head: bool = True):
+    def __init__(self, files: dict[str, bytes], *, ranges: bool = True, head: bool = True, suffix_only: bool = False):
         self.files, self.ranges, self.head, self.etag = dict(files), ranges, head, '"v1"'
+        self.suffix_only = suffix_only
         self.sent: Counter = Counter()
         self.requests: list[tuple[str, str | None]] = []
         self._cuts: list[list] = []
@@ -378,7 +384,7 @@ def test_corrupt_deflate_member_is_detected(clevrer, server, tmp_path, tiny_para
 
 @pytest.mark.parametrize("field,delta,error", [
     (24, 100, "disagrees with the central directory"),   # uncompressed size: 100 bytes more than the data
-    (20, 10**6, "runs into the central directory"),       # compressed size past the end of the member data
+    (20, 10**6, "overruns the next member or the directory"),  # compressed size past the end of the member data
 ])
 def test_sizes_are_checked_against_the_central_directory(field, delta, error, clevrer, server, tmp_path,
                                                          tiny_params_dict_fixture):
@@ -413,6 +419,44 @@ def test_http_404_names_the_url(server, tmp_path, tiny_params_dict_fixture):
     url = f"{server.url}/no/such/place"
     with pytest.raises(DownloadError, match=re.escape(f"{url}/videos/train/video_train.zip: HTTP 404")):
         run(tmp_path / "raw", tmp_path / "cache", make_data(tiny_params_dict_fixture, url))
+    assert not files_under(tmp_path / "raw")
+
+
+def test_silent_server_hits_the_connect_timeout(tmp_path, monkeypatch, tiny_params_dict_fixture):
+    # a firewall that accepts the connection and never answers: the short timeout for the response head
+    # applies (not the 60 s one for body reads), and the error names the URL
+    assert downloader.CONNECT_TIMEOUT <= 10 < downloader.TIMEOUT
+    monkeypatch.setattr(downloader, "CONNECT_TIMEOUT", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept_and_sleep():
+        with contextlib.suppress(OSError):  # the listener closes at the end of the test
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept_and_sleep, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match=re.escape(f"{url}/videos/train/video_train.zip: ")
+                           + r".*timed out.*gave up after 2 attempts"):
+            run(tmp_path / "raw", tmp_path / "cache", make_data(tiny_params_dict_fixture, url), retries=1)
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+    assert time.monotonic() - t0 < 5
+
+
+def test_range_answers_are_checked(clevrer, tmp_path, tiny_params_dict_fixture):
+    # the tail probe gets its 206, the members' request a 200 with the whole archive: an error, not garbage
+    srv = FakeServer(clevrer["archives"], suffix_only=True)
+    try:
+        with pytest.raises(DownloadError, match=r"video_train\.zip: asked for bytes \d+-\d+/\d+, got HTTP 200 None"):
+            run(tmp_path / "raw", tmp_path / "cache", make_data(tiny_params_dict_fixture, srv.url))
+    finally:
+        srv.close()
     assert not files_under(tmp_path / "raw")
 
 

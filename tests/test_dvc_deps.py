@@ -95,8 +95,9 @@ def test_stage_deps_are_its_import_closure(name):
     stage = stages()[name]
     needed = closure(entry_modules(stage["cmd"]))
     declared = declared_code(stage)
-    assert not needed - declared, f"{name}: dvc.yaml misses deps {sorted(needed - declared)}"
-    assert not declared - needed, f"{name}: dvc.yaml declares deps the stage never imports {sorted(declared - needed)}"
+    fix = "; run `python tests/test_dvc_deps.py --fix`"
+    assert not needed - declared, f"{name}: dvc.yaml misses deps {sorted(needed - declared)}{fix}"
+    assert not declared - needed, f"{name}: dvc.yaml declares deps the stage never imports {sorted(declared - needed)}{fix}"
 
 
 def test_the_check_fails_when_a_dep_is_removed(tmp_path):
@@ -111,3 +112,42 @@ def test_code_deps_are_files_not_directories():
     for name, stage in stages().items():
         dirs = [d for d in stage.get("deps", []) if d.startswith(f"{PACKAGE}/") and (REPO / d).is_dir()]
         assert not dirs, f"{name}: list the modules, not directories {dirs}"
+
+
+def rewrite_code_deps(root: Path = REPO) -> bool:
+    """Rewrite dvc.yaml's code deps (the `- pipeline/...` lines) to each stage's import closure; True if changed."""
+    text = (root / "dvc.yaml").read_text()
+    all_stages = stages(root)
+    out, stage, in_deps, wrote = [], None, False, False
+    for line in text.split("\n"):
+        m = re.match(r"^  (\w+):$", line)
+        if m and m.group(1) in all_stages:
+            stage, in_deps = m.group(1), False
+        if re.match(r"^    deps:$", line):
+            in_deps, wrote = True, False
+            out.append(line)
+            continue
+        if in_deps and re.match(r"^      - ", line):
+            if line.strip().startswith(f"- {PACKAGE}/"):
+                if not wrote:
+                    out += [f"      - {f}" for f in sorted(closure(entry_modules(all_stages[stage]["cmd"]), root))]
+                    wrote = True
+                continue
+        elif in_deps:
+            if not wrote:
+                out += [f"      - {f}" for f in sorted(closure(entry_modules(all_stages[stage]["cmd"]), root))]
+                wrote = True
+            in_deps = False
+        out.append(line)
+    new = "\n".join(out)
+    (root / "dvc.yaml").write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python tests/test_dvc_deps.py --fix: write the closures into dvc.yaml
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    if sys.argv[1:] != ["--fix"]:
+        raise SystemExit("usage: python tests/test_dvc_deps.py --fix")
+    print("dvc.yaml code deps", "rewritten" if rewrite_code_deps() else "already exact")

@@ -214,19 +214,21 @@ def test_evaluate_is_a_pure_function_of_the_predictions(tmp_path, eval_params, m
     assert {p.name: p.read_bytes() for p in (tmp_path / "reports").rglob("*.json")} == first
 
 
-def test_evaluate_computes_lpips_with_a_cached_backbone(tmp_path, eval_params, monkeypatch):
+def test_evaluate_computes_lpips_with_the_pretrained_stages_backbone(tmp_path, eval_params, monkeypatch):
     import torchvision
 
+    from pipeline.pretrained import hub_dir, weights_dir
     from pipeline.metrics import lpips_backbone_path
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    path = lpips_backbone_path("alex")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty: the backbone comes from paths.pretrained
+    with hub_dir(weights_dir(eval_params.paths.pretrained, "lpips")):
+        path = lpips_backbone_path("alex")
     path.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
     run_tiny_infer(tmp_path, tiny_settings(ttt_enabled=False))
     metrics = evaluate(eval_params, log=lambda s: None)
-    assert "lpips_note" not in metrics
+    assert "lpips_note" not in metrics and metrics["lpips_computed"] == 1
     assert metrics["model_ttt"]["psnr"] is None and metrics["model_ttt_minus_model"]["psnr"] is None
     assert metrics["ttt_note"] == "ttt.enabled is false"
     for m in ("model", "copy_last", "flow_extrap", "flow_advect", "vae_recon"):

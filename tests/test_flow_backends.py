@@ -7,8 +7,8 @@ import torch
 from helpers import section
 
 from pipeline.flow import warp
-from pipeline.flow.backends import (DISBackend, GTBackend, PairBatch, RAFTBackend, build_backend, raft_input_size,
-                                    raft_weights_path)
+from pipeline.flow.backends import DISBackend, GTBackend, PairBatch, RAFTBackend, build_backend, raft_input_size
+from pipeline.pretrained import hub_path
 
 CPU = torch.device("cpu")
 MARGIN = 8  # interior used for error statistics (motion near the border is ill-posed)
@@ -124,7 +124,7 @@ def raft_small_weights(torch_home):
 
     torch.manual_seed(0)
     state = raft_small(weights=None).state_dict()
-    path = raft_weights_path("raft_small")
+    path = hub_path("raft_small")
     assert path == torch_home / "hub" / "checkpoints" / "raft_small_C_T_V2-01064c6d.pth"
     path.parent.mkdir(parents=True)
     torch.save(state, path)
@@ -209,7 +209,7 @@ def test_missing_weights_fallback_to_gt(torch_home):
 
 
 def test_corrupt_weights_fall_back_with_the_load_error(torch_home):
-    path = raft_weights_path("raft_small")
+    path = hub_path("raft_small")
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
     with pytest.warns(RuntimeWarning, match="could not load raft_small weights"):
@@ -220,7 +220,7 @@ def test_corrupt_weights_fall_back_with_the_load_error(torch_home):
 def test_wrong_state_dict_is_not_used(torch_home):
     from torchvision.models.optical_flow import raft_large
 
-    path = raft_weights_path("raft_small")
+    path = hub_path("raft_small")
     path.parent.mkdir(parents=True)
     torch.save(raft_large(weights=None).state_dict(), path)  # a file under the right name with the wrong model
     with pytest.warns(RuntimeWarning, match="state_dict"):

@@ -94,7 +94,7 @@ def test_gt_backend_writes_exact_flow_and_perfect_scores(tmp_path, batch):
 
 def test_dis_backend_on_moving_squares(tmp_path):
     frames = write_frames_h5(tmp_path / "frames.h5", {"train": 1, "test": 2})
-    report = compute_flow(frames, tmp_path / "flow.h5", flow=section("flow", backend="dis", dis_preset="fast", batch=4),
+    report = compute_flow(frames, tmp_path / "flow.h5", flow=section("flow", backend="dis", dis_preset="fast", dis_scale=1, batch=4),
                           device=CPU)
     q = report["quality"]
     assert report["backend_info"]["backend_used"] == "dis"
@@ -179,7 +179,9 @@ def test_stage_records_the_raft_fallback(tmp_path, monkeypatch):
     assert any("FLOW BACKEND FALLBACK" in str(w.message) for w in caught)
     metrics = json.loads((tmp_path / "reports" / "flow" / "metrics.json").read_text())
     assert metrics["backend"] == "raft_large" and metrics["backend_used"] == "dis"
-    assert "empty_torch_home" in metrics["fallback_reason"] and "not found" in metrics["fallback_reason"]
+    # RAFT weights come from the pretrained stage's dir (models/pretrained/flow), never from $TORCH_HOME here
+    assert "pretrained/flow" in metrics["fallback_reason"] and "not found" in metrics["fallback_reason"]
+    assert metrics["fallback"] == 1
     with h5py.File(tmp_path / "data" / "flow.h5") as f:
         assert f.attrs["backend_used"] == "dis" and "not found" in f.attrs["fallback_reason"]
 

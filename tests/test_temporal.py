@@ -14,11 +14,12 @@ from pipeline.models.temporal import rebuild_temporal
 from pipeline.config import params_from_dict
 from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig
 from pipeline.models.temporal import ARCHS, build_temporal
-from pipeline.models.temporal.clip_lstm import hub_weights_path
+from pipeline.pretrained import hub_path
 from pipeline.models.vae import VAE, VAEConfig
 from tests.conftest import tiny_params_dict
 
-ARCH_NAMES = ["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"]
+ARCH_NAMES = ["clip_lstm", "latent", "latent_flow", "warp_occ", "warp_occ_latent", "dual_vae"]
+# "warp_occ_latent" is warp_occ with model.warp_space=latent (the seed's latent warp); warp_occ is pixel space
 K = 3  # boxes per clip
 
 
@@ -136,6 +137,8 @@ def make_batch(params, batch: int = 2, length: int | None = None, seed: int = 0)
 
 def make_model(params, arch: str, **model_over):
     vae, flow_vae = tiny_vaes(params)
+    if arch == "warp_occ_latent":
+        arch, model_over = "warp_occ", {"warp_space": "latent", **model_over}
     model_cfg = {**params.model.__dict__, "arch": arch, "encoder": "cnn", **model_over}
     torch.manual_seed(1)
     return build_temporal(arch, model=model_cfg, loss=params.loss, frame_size=tuple(params.data.resolution),
@@ -150,22 +153,29 @@ def context_only(batch, c):
 
 # ---- registry --------------------------------------------------------------------------------------------
 
+FIVE = [a for a in ARCH_NAMES if a != "warp_occ_latent"]
+
+
 def test_registry_has_the_five_archs():
-    assert sorted(ARCHS) == sorted(ARCH_NAMES)
+    assert sorted(ARCHS) == sorted(FIVE)
 
 
 def test_unknown_arch_lists_the_five(tiny_params):
     with pytest.raises(ValueError) as err:
         build_temporal("transformerxl", model=tiny_params.model, loss=tiny_params.loss, frame_size=(32, 32),
                        num_boxes=K)
-    for name in ARCH_NAMES:
+    for name in FIVE:
         assert name in str(err.value)
 
 
 def test_latent_archs_need_their_vaes(tiny_params):
     vae, _ = tiny_vaes(tiny_params)
+    latent = {**tiny_params.model.__dict__, "warp_space": "latent"}
     with pytest.raises(ValueError, match="frame VAE"):
-        build_temporal("warp_occ", model=tiny_params.model, loss=tiny_params.loss, frame_size=(32, 32), num_boxes=K)
+        build_temporal("warp_occ", model=latent, loss=tiny_params.loss, frame_size=(32, 32), num_boxes=K)
+    # pixel-space warp_occ reads frames and flow only
+    assert build_temporal("warp_occ", model=tiny_params.model, loss=tiny_params.loss, frame_size=(32, 32),
+                          num_boxes=K).frozen_modules() == []
     with pytest.raises(ValueError, match="flow VAE"):
         build_temporal("dual_vae", model=tiny_params.model, loss=tiny_params.loss, frame_size=(32, 32),
                        num_boxes=K, vae=vae)
@@ -177,7 +187,8 @@ EXPECTED_TERMS = {
     "clip_lstm": {"frame", "flow", "residual", "collision", "state"},
     "latent": {"latent", "collision", "state"},
     "latent_flow": {"latent", "flow", "collision", "state"},
-    "warp_occ": {"latent", "flow", "occ", "decode", "residual", "collision", "state"},
+    "warp_occ": {"frame", "flow", "occ", "collision", "state"},
+    "warp_occ_latent": {"latent", "flow", "occ", "decode", "residual", "collision", "state"},
     "dual_vae": {"latent", "motion_latent", "appearance", "motion", "collision", "state"},
 }
 
@@ -197,8 +208,10 @@ def test_forward_backward_finite_and_shapes(tiny_params, arch):
                       "flow": (B, n, 2, H, W)},
         "latent": {"z": (B, n, C, h, w)},
         "latent_flow": {"z": (B, n, C, h, w), "flow": (B, n, 2, h, w)},
-        "warp_occ": {"z": (B, n, C, h, w), "z_warp": (B, n, C, h, w), "residual": (B, n, C, h, w),
-                     "flow": (B, n, 2, h, w), "occ_logit": (B, n, 1, h, w)},
+        "warp_occ": {"frame": (B, n, 3, H, W), "warped": (B, n, 3, H, W), "flow": (B, n, 2, H, W),
+                     "mask_logit": (B, n, 1, H, W)},
+        "warp_occ_latent": {"z": (B, n, C, h, w), "z_warp": (B, n, C, h, w), "residual": (B, n, C, h, w),
+                            "flow": (B, n, 2, h, w), "occ_logit": (B, n, 1, h, w)},
         "dual_vae": {"z": (B, n, C, h, w), "zf": (B, n, p.flow_vae.latent_channels, h, w)},
     }[arch]
     expected.update({"collision": (B, n), "boxes": (B, n, K, 4)})
@@ -212,7 +225,7 @@ def test_forward_backward_finite_and_shapes(tiny_params, arch):
     terms["total"].backward()
     grads = [q.grad for q in model.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
-    assert sum(g is not None for g in grads) > 0.9 * len(grads)
+    assert sum(g is not None for g in grads) > (0.7 if arch == "warp_occ" else 0.9) * len(grads)
     for sub in model.frozen_modules():  # the VAEs stay frozen
         assert all(q.grad is None and not q.requires_grad for q in sub.parameters())
 
@@ -302,9 +315,9 @@ def test_checkpoint_round_trip(tiny_params, arch, tmp_path):
         for q in model.trainable_parameters():
             q.add_(0.01 * torch.randn_like(q))
     path = tmp_path / "temporal.pt"
-    save_checkpoint(path, make_checkpoint(kind="temporal", model=model, model_args=model.model_args(), arch=arch))
+    save_checkpoint(path, make_checkpoint(kind="temporal", model=model, model_args=model.model_args(), arch=model.arch))
     loaded = load_model(path, "temporal", rebuild_temporal)
-    assert type(loaded) is type(model) and loaded.arch == arch
+    assert type(loaded) is type(model) and loaded.arch == model.arch
     ctx = context_only(make_batch(p, length=p.model.context + 1), p.model.context)
     with torch.no_grad():
         assert torch.allclose(loaded.rollout(ctx, 2)["frames"], model.rollout(ctx, 2)["frames"], atol=1e-6)
@@ -312,9 +325,39 @@ def test_checkpoint_round_trip(tiny_params, arch, tmp_path):
     assert json.dumps(ckpt["model_args"])  # plain values only
 
 
-def test_warp_occ_starts_as_copy_last(tiny_params):
+def test_warp_occ_pixel_starts_as_flow_advect(tiny_params):
+    """Untrained, pixel-space warp_occ is constant motion carried with the content (the flow_advect baseline)."""
+    from pipeline.baselines import flow_advection
+
+    p = tiny_params
+    model = make_model(p, "warp_occ").eval()
+    c = p.model.context
+    ctx = context_only(make_batch(p, length=c + 1), c)
+    with torch.no_grad():
+        ours = model.rollout(ctx, 3)["frames"]
+        theirs = flow_advection({"frames": ctx["frames"][:, -2:], "flow_bwd": ctx["flow_bwd"][:, -1:]}, 3)
+    assert (ours - theirs.clamp(0, 1)).abs().max() < 0.01  # the gate starts at sigmoid(6), the mask at ~1
+
+
+def test_warp_occ_pixel_composes_warp_mask_and_residual(tiny_params):
     p = tiny_params
     model = make_model(p, "warp_occ")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    out = model(make_batch(p))
+    residual = out["frame"] - out["warped"] * torch.sigmoid(out["mask_logit"])
+    ablated = make_model(p, "warp_occ", mask="ones")
+    ablated.load_state_dict(model.state_dict())
+    out_ones = ablated(make_batch(p))
+    # the same residual, added to the unmasked warp when the mask is fixed at 1
+    assert torch.allclose(out_ones["frame"], out_ones["warped"] + residual, atol=1e-5)
+
+
+def test_warp_occ_latent_starts_as_copy_last(tiny_params):
+    p = tiny_params
+    model = make_model(p, "warp_occ_latent")
     batch = make_batch(p)
     out = model(batch)
     assert out["flow"].abs().max() == 0 and out["residual"].abs().max() == 0
@@ -323,9 +366,9 @@ def test_warp_occ_starts_as_copy_last(tiny_params):
     assert torch.allclose(out["z_warp"][:, 0], batch["z"][:, c - 1], atol=1e-5)
 
 
-def test_warp_occ_uses_the_literal_composition(tiny_params):
+def test_warp_occ_latent_uses_the_literal_composition(tiny_params):
     p = tiny_params
-    model = make_model(p, "warp_occ")
+    model = make_model(p, "warp_occ_latent")
     torch.manual_seed(0)
     with torch.no_grad():
         for q in model.parameters():
@@ -359,7 +402,7 @@ def test_clip_lstm_loads_resnet_weights_from_the_hub_cache(tiny_params, tmp_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     p = tiny_params
-    path = hub_weights_path("resnet18")
+    path = hub_path("resnet18")
     assert str(path).startswith(str(tmp_path))
     # no file: explicit, recorded fallback to the trainable CNN
     model = make_model(p, "clip_lstm", encoder="resnet18")
@@ -396,7 +439,7 @@ def test_train_temporal_stage(tiny_files, arch, tmp_path):
     params = params_from_dict(raw)
     report = train_temporal(params)
     assert report["arch"] == arch and report["steps"] == params.train.steps
-    assert set(report["loss"]) >= EXPECTED_TERMS[arch] | {"total"}
+    assert set(report["loss"]) >= EXPECTED_TERMS[arch] - {"flow", "occ"} | {"total"}
     assert report["val_psnr_step1"] is not None and report["val_psnr_step1_copy_last"] is not None
     if arch == "clip_lstm":
         assert report["encoder"]["used"] == "cnn"

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -26,6 +24,7 @@ from torch import Tensor
 
 from pipeline.config import Flow
 from pipeline.flow.ops import resize_flow
+from pipeline.pretrained import hub_path, torchvision_weights
 
 log = logging.getLogger(__name__)
 
@@ -141,26 +140,38 @@ class GTBackend(FlowBackend):
 
 
 class DISBackend(FlowBackend):
-    """OpenCV Dense Inverse Search on grayscale frames (CPU)."""
+    """OpenCV Dense Inverse Search on grayscale frames (CPU), optionally on frames upscaled by `scale`.
+
+    DIS matches patches of a fixed pixel size (8 for `fast` and `medium`); at 64x64 an object is about
+    one patch, so its flow bleeds into the floor around it. Upscaling the frames (bicubic) before DIS and
+    area-averaging the flow back (vectors divided by the scale) makes the patches smaller than the objects.
+    """
     name = "dis"
 
-    def __init__(self, device: torch.device, *, preset: str = "medium"):
+    def __init__(self, device: torch.device, *, preset: str, scale: int = 1):
         super().__init__(device)
         import cv2
 
         if preset not in DIS_PRESETS:
             raise ValueError(f"unknown DIS preset {preset!r}; valid: {', '.join(DIS_PRESETS)}")
+        if scale < 1:
+            raise ValueError(f"DIS scale must be >= 1, got {scale}")
         self._cv2 = cv2
-        self.preset = preset
+        self.preset, self.scale = preset, scale
         self._dis = cv2.DISOpticalFlow_create(getattr(cv2, DIS_PRESETS[preset]))
 
     def _flow(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        flow = self._dis.calc(a, b, None)  # [H,W,2] float32, a -> b on a's grid
+        flow = self._dis.calc(a, b, None)  # [H*s,W*s,2] float32, a -> b on a's grid
+        if self.scale > 1:
+            h, w = a.shape[0] // self.scale, a.shape[1] // self.scale
+            flow = self._cv2.resize(flow, (w, h), interpolation=self._cv2.INTER_AREA) / self.scale
         return flow.transpose(2, 0, 1)  # [2,H,W]
 
     def __call__(self, pairs: PairBatch) -> tuple[Tensor, Tensor]:
         cv2 = self._cv2
         gray = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in pairs.frames]
+        if self.scale > 1:
+            gray = [cv2.resize(g, None, fx=self.scale, fy=self.scale, interpolation=cv2.INTER_CUBIC) for g in gray]
         fwd = np.stack([self._flow(gray[i], gray[j]) for i, j in zip(pairs.src, pairs.dst)])  # [B,2,H,W]
         bwd = np.stack([self._flow(gray[j], gray[i]) for i, j in zip(pairs.src, pairs.dst)])  # [B,2,H,W]
         return torch.from_numpy(fwd).to(self.device), torch.from_numpy(bwd).to(self.device)
@@ -252,23 +263,6 @@ class RAFTBackend(FlowBackend):
         return flow[:B], flow[B:]
 
 
-def raft_weights_enum(variant: str):
-    """torchvision's default pretrained weights enum member for a RAFT variant."""
-    from torchvision.models import optical_flow
-
-    if variant == "raft_large":
-        return optical_flow.Raft_Large_Weights.DEFAULT
-    if variant == "raft_small":
-        return optical_flow.Raft_Small_Weights.DEFAULT
-    raise ValueError(f"unknown RAFT variant {variant!r}; valid: {', '.join(RAFT_BACKENDS)}")
-
-
-def raft_weights_path(variant: str) -> Path:
-    """Where torchvision caches a RAFT variant's default weights: $TORCH_HOME/hub/checkpoints/<file>."""
-    filename = os.path.basename(urlparse(raft_weights_enum(variant).url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
 def _fallback(flow: Flow, device: torch.device, requested: str, reason: str,
               **info) -> tuple[FlowBackend, BackendInfo]:
     msg = (f"FLOW BACKEND FALLBACK: flow.backend={requested} cannot run: {reason}. "
@@ -282,7 +276,7 @@ def _fallback(flow: Flow, device: torch.device, requested: str, reason: str,
 
 def _simple_backend(name: str, flow: Flow, device: torch.device) -> FlowBackend:
     if name == "dis":
-        return DISBackend(device, preset=flow.dis_preset)
+        return DISBackend(device, preset=flow.dis_preset, scale=flow.dis_scale)
     if name == "gt":
         return GTBackend(device)
     raise ValueError(f"unknown non-RAFT backend {name!r}; valid: dis, gt")
@@ -305,10 +299,11 @@ def build_backend(flow: Flow, device: torch.device) -> tuple[FlowBackend, Backen
         note = (f"on CPU flow.backend={flow.backend} runs as flow.cpu_raft={flow.cpu_raft} with "
                 f"flow.cpu_num_updates={flow.cpu_num_updates} RAFT iterations (CUDA: {flow.backend}, "
                 f"{flow.num_updates} iterations)")
-    path = raft_weights_path(variant)
+    path = hub_path(variant)
     if not path.is_file():
         reason = (f"pretrained {variant} weights not found at {path} (no network download is attempted); "
-                  f"put torchvision's {raft_weights_enum(variant).url} there (or set TORCH_HOME)")
+                  f"run the pretrained stage with weights.download: true, or put torchvision's "
+                  f"{torchvision_weights(variant).url} in the torch hub cache and re-run dvc repro")
         return _fallback(flow, device, flow.backend, reason, num_updates=None, note=note)
     try:
         backend = RAFTBackend(device, variant=variant, weights_file=path, num_updates=num_updates)

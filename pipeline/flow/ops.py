@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["warp", "splat", "occlusion", "resize_flow", "base_grid"]
+__all__ = ["warp", "splat", "compose_backward", "occlusion", "resize_flow", "base_grid"]
 
 
 def _check_flow(flow: Tensor, name: str = "flow") -> None:
@@ -119,6 +119,9 @@ def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float =
     return soft.to(bwd.dtype), hard.to(bwd.dtype)
 
 
+SPLAT_EPS = 1e-6  # added to the softmax-splat normaliser; a target that only a sliver reaches tends to 0
+
+
 def splat(x: Tensor, flow: Tensor, *, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Forward (softmax) splatting: push each pixel p of x to p + flow(p) -> (out, coverage).
 
@@ -138,30 +141,62 @@ def splat(x: Tensor, flow: Tensor, *, importance: Tensor | None = None) -> tuple
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xf = x.reshape(-1, C, H * W).to(dtype)  # [B,C,HW]
     pos = (base_grid(H, W, device=x.device, dtype=dtype) + flow.reshape(-1, 2, H, W).to(dtype)).flatten(2)  # [B,2,HW]
-    if importance is None:
-        weight_z = torch.ones_like(xf[:, :1])  # [B,1,HW]
-    else:
-        if importance.shape != (*lead, 1, H, W):
-            raise ValueError(f"importance must be [*, 1, H, W] = {(*lead, 1, H, W)}, got {tuple(importance.shape)}")
-        z = importance.reshape(-1, 1, H * W).to(dtype)
-        weight_z = torch.exp(z - z.amax(dim=-1, keepdim=True).detach())  # softmax is shift invariant
+    if not torch.isfinite(pos).all():
+        raise ValueError(f"splat: flow {tuple(flow.shape)} holds NaN or inf")
+    if importance is not None and importance.shape != (*lead, 1, H, W):
+        raise ValueError(f"importance must be [*, 1, H, W] = {(*lead, 1, H, W)}, got {tuple(importance.shape)}")
+    z = (importance.reshape(-1, 1, H * W).to(dtype) if importance is not None
+         else xf.new_zeros(xf.shape[0], 1, H * W))  # [B,1,HW]
     corner = pos.floor()
     frac = pos - corner  # [B,2,HW]
-    num = xf.new_zeros(xf.shape)
-    den = xf.new_zeros(xf.shape[0], 1, H * W)
-    cov = xf.new_zeros(xf.shape[0], 1, H * W)
+    corners = []
     for dx in (0, 1):
         for dy in (0, 1):
             cx, cy = corner[:, 0:1] + dx, corner[:, 1:2] + dy  # [B,1,HW]
             w = (frac[:, 0:1] if dx else 1 - frac[:, 0:1]) * (frac[:, 1:2] if dy else 1 - frac[:, 1:2])
             inside = (cx >= 0) & (cx <= W - 1) & (cy >= 0) & (cy <= H - 1)
             w = torch.where(inside, w, torch.zeros_like(w))
-            index = (cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1)).long()  # [B,1,HW]
-            num = num.scatter_add(2, index.expand(-1, C, -1), xf * (w * weight_z))
-            den = den.scatter_add(2, index, w * weight_z)
-            cov = cov.scatter_add(2, index, w)
-    out = num / den.clamp_min(torch.finfo(dtype).tiny) * (den > 0)
+            corners.append(((cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1)).long(), w))  # index [B,1,HW]
+    # softmax is shift invariant per target: subtract each target's largest importance (a constant for
+    # the gradient) so that exp() neither overflows nor underflows whatever the importance scale
+    z_max = torch.full_like(z, -torch.inf)
+    for index, w in corners:
+        z_max = z_max.scatter_reduce(2, index, torch.where(w > 0, z, torch.full_like(z, -torch.inf)), "amax")
+    z_max = torch.where(torch.isfinite(z_max), z_max, torch.zeros_like(z_max)).detach()
+    num = xf.new_zeros(xf.shape)
+    den = xf.new_zeros(xf.shape[0], 1, H * W)
+    cov = xf.new_zeros(xf.shape[0], 1, H * W)
+    for index, w in corners:
+        # <= the bilinear weight; the clamp only bites where w = 0 (a corner outside the frame)
+        weight = w * torch.exp((z - z_max.gather(2, index)).clamp(max=0.0))  # [B,1,HW]
+        num = num.scatter_add(2, index.expand(-1, C, -1), xf * weight)
+        den = den.scatter_add(2, index, weight)
+        cov = cov.scatter_add(2, index, w)
+    out = num / (den + SPLAT_EPS)
     return (out.to(x.dtype).reshape(*lead, C, H, W), cov.to(x.dtype).reshape(*lead, 1, H, W))
+
+
+def compose_backward(flows: Tensor, visibility: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Chain one-step backward flows into flows back to the first frame: [*,K,2,H,W] -> [*,K,2,H,W].
+
+    flows[..., k, :, :, :] maps frame k+1 -> k (on frame k+1's grid); the result's k maps frame k+1 -> 0:
+    A_k(p) = b_k(p) + A_{k-1}(p + b_k(p)), each earlier step sampled where the later one lands (the one
+    warp). visibility [*,K,1,H,W] (1 = visible in the frame before), when given, is chained the same way
+    (visible in frame 0 = visible at every step along the path) and returned second.
+    """
+    if flows.dim() < 4:
+        raise ValueError(f"flows must be [*, K, 2, H, W], got {tuple(flows.shape)}")
+    _check_flow(flows, "flows")
+    acc, vis, out, out_vis = None, None, [], []
+    for k in range(flows.shape[-4]):
+        b = flows[..., k, :, :, :]
+        acc = b if acc is None else b + warp(acc, b)
+        out.append(acc)
+        if visibility is not None:
+            v = visibility[..., k, :, :, :]
+            vis = v if vis is None else v * warp(vis, b)
+            out_vis.append(vis)
+    return torch.stack(out, dim=-4), (torch.stack(out_vis, dim=-4) if visibility is not None else None)
 
 
 def resize_flow(flow: Tensor, size: tuple[int, int], *, mode: str = "auto") -> Tensor:

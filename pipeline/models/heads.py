@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["group_norm", "ResBlock", "UNet", "ConvLSTMCell", "CollisionHead", "StateHead", "zero_init_",
+__all__ = ["group_norm", "unet_depth", "ResBlock", "UNet", "ConvLSTMCell", "CollisionHead", "StateHead", "zero_init_",
            "PRIOR_COLLISION"]
 
 PRIOR_COLLISION = 0.01  # initial collision probability (RetinaNet-style prior for the focal loss)
@@ -24,6 +24,14 @@ def zero_init_(module: nn.Module, *, bias: float = 0.0) -> nn.Module:
     if getattr(module, "bias", None) is not None:
         nn.init.constant_(module.bias, bias)
     return module
+
+
+def unet_depth(h: int, w: int, most: int = 2) -> int:
+    """Stride-2 levels a h x w map allows (each side stays >= 2 and even), at most `most`."""
+    depth = 0
+    while depth < most and h % 2 == 0 and w % 2 == 0 and h >= 4 and w >= 4:
+        h, w, depth = h // 2, w // 2, depth + 1
+    return depth
 
 
 class ResBlock(nn.Module):

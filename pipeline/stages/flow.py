@@ -7,8 +7,9 @@ import logging
 
 from pipeline.config import load_params
 from pipeline.distributed import shutdown_distributed
-from pipeline.flow.compute import compute_flow, flow_report, merge_flow_reports, save_figure
+from pipeline.flow.compute import compute_flow, flow_report, merge_flow_reports, photometric_quality, save_figure
 from pipeline.io import atomic_path, resolve_device, write_json
+from pipeline.pretrained import hub_dir, weights_dir
 from pipeline.sharding import run_sharded
 
 
@@ -16,14 +17,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     try:
-        reports = run_sharded(params.paths.flow, lambda path, shard: compute_flow(
-            params.paths.frames, path, flow=params.flow, device=resolve_device(params.device), shard=shard))
+        with hub_dir(weights_dir(params.paths.pretrained, "flow")):  # RAFT weights from the pretrained stage
+            reports = run_sharded(params.paths.flow, lambda path, shard: compute_flow(
+                params.paths.frames, path, flow=params.flow, device=resolve_device(params.device), shard=shard))
     finally:
         shutdown_distributed()
     if reports is None:  # not rank 0
         return
     report = merge_flow_reports(reports)
     metrics = flow_report(report, params.flow)
+    metrics["photometric"] = photometric_quality(params.paths.frames, params.paths.flow)
     report_dir = params.paths.report_dir("flow")
     (report_dir / "figures").mkdir(parents=True, exist_ok=True)  # a DVC out even when there is no figure
     if report["examples"] is not None:
@@ -32,6 +35,11 @@ def main() -> None:
     write_json(report_dir / "metrics.json", metrics)
     q = metrics["quality"]
     quality = f", test EPE {q['epe']:.3f} px, occlusion F1 {q['occlusion']['f1']}" if q else ""
+    photo = metrics["photometric"].get("val") or {}
+    if photo:
+        quality += f", val warp PSNR {photo['warp_psnr']:.2f} dB"
+        if photo["advect_psnr"] is not None:
+            quality += f", advect PSNR {photo['advect_psnr']:.2f} dB"
     fallback = f" (FALLBACK from {metrics['backend']}: {metrics['fallback_reason']})" if metrics["fallback_reason"] else ""
     print(f"flow: {metrics['backend_used']}{fallback} on {metrics['device']}, {metrics['pairs']} pairs, "
           f"{report['run']['pairs_per_s']:.1f} pairs/s{quality}, {report['run']['ranks']} rank(s) -> {params.paths.flow}")

@@ -17,6 +17,7 @@ from pipeline.models.temporal.dual_vae import DualVAE
 from pipeline.models.temporal.latent import LatentTransformer
 from pipeline.models.temporal.latent_flow import LatentFlow
 from pipeline.models.temporal.warp_occ import WarpOcc
+from pipeline.models.temporal.warp_occ_pixel import PixelWarpOcc
 
 ARCHS: dict[str, type[TemporalModel]] = {
     "clip_lstm": ClipLSTM,
@@ -29,6 +30,20 @@ ARCHS: dict[str, type[TemporalModel]] = {
 # archs that need the trained VAEs passed in (and hold them as frozen submodules)
 NEEDS_VAE = {"latent", "latent_flow", "warp_occ", "dual_vae"}
 NEEDS_FLOW_VAE = {"dual_vae"}
+
+
+def arch_class(arch: str, model) -> type[TemporalModel]:
+    """The class that implements `arch` with these model params (warp_occ: by model.warp_space)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown temporal arch {arch!r}; choices: {', '.join(ARCHS)}")
+    warp_space = model["warp_space"] if isinstance(model, Mapping) else model.warp_space
+    return PixelWarpOcc if arch == "warp_occ" and warp_space == "pixel" else ARCHS[arch]
+
+
+def needs_vae(arch: str, model) -> tuple[bool, bool]:
+    """(frame VAE, flow VAE): which trained VAEs `arch` with these model params is built on."""
+    pixel = arch_class(arch, model) is PixelWarpOcc
+    return arch in NEEDS_VAE and not pixel, arch in NEEDS_FLOW_VAE
 
 
 def _vae(value: Any, kind: str) -> nn.Module | None:
@@ -50,17 +65,18 @@ def build_temporal(arch: str | None, *, model, loss, frame_size, num_boxes: int,
 
     load_pretrained only concerns clip_lstm's image encoder (False when rebuilding from a checkpoint).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown temporal arch {arch!r}; choices: {', '.join(ARCHS)}")
+    cls = arch_class(arch, model)
     vae, flow_vae = _vae(vae, "vae"), _vae(flow_vae, "flow_vae")
-    if arch in NEEDS_VAE and vae is None:
+    want_vae, want_flow_vae = needs_vae(arch, model)
+    if want_vae and vae is None:
         raise ValueError(f"arch {arch!r} needs the trained frame VAE (vae=...)")
-    if arch in NEEDS_FLOW_VAE and flow_vae is None:
+    if want_flow_vae and flow_vae is None:
         raise ValueError(f"arch {arch!r} needs the trained flow VAE (flow_vae=...)")
-    kwargs = dict(model=model, loss=loss, frame_size=frame_size, num_boxes=num_boxes, vae=vae, flow_vae=flow_vae)
+    kwargs = dict(model=model, loss=loss, frame_size=frame_size, num_boxes=num_boxes, vae=vae if want_vae else None,
+                  flow_vae=flow_vae if want_flow_vae else None)
     if arch == "clip_lstm":
         kwargs["load_pretrained"] = load_pretrained
-    return ARCHS[arch](**kwargs)
+    return cls(**kwargs)
 
 
 def rebuild_temporal(model_args: dict, arch: str | None) -> TemporalModel:
@@ -68,5 +84,5 @@ def rebuild_temporal(model_args: dict, arch: str | None) -> TemporalModel:
     return build_temporal(arch, **model_args)  # clip_lstm's args say load_pretrained=False: weights come after
 
 
-__all__ = ["ARCHS", "build_temporal", "rebuild_temporal", "TemporalModel", "ClipLSTM", "LatentTransformer", "LatentFlow", "WarpOcc",
+__all__ = ["ARCHS", "arch_class", "needs_vae", "build_temporal", "rebuild_temporal", "PixelWarpOcc", "TemporalModel", "ClipLSTM", "LatentTransformer", "LatentFlow", "WarpOcc",
            "DualVAE"]

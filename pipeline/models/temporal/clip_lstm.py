@@ -10,8 +10,6 @@ is fed back through the encoder. Trained end to end on frames (L1), flow (EPE vs
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -21,24 +19,10 @@ from pipeline.flow.ops import resize_flow, warp
 from pipeline.losses import flow_epe, l1
 from pipeline.models.heads import CollisionHead, ConvLSTMCell, ResBlock, StateHead, group_norm, zero_init_
 from pipeline.models.temporal.base import TemporalModel, ttt_targets
+from pipeline.pretrained import hub_path, torchvision_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def hub_weights(encoder: str):
-    """The torchvision Weights enum member of a pretrained encoder name."""
-    from torchvision.models import ResNet18_Weights, ViT_B_16_Weights
-    table = {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "vit_b_16": ViT_B_16_Weights.IMAGENET1K_V1}
-    if encoder not in table:
-        raise ValueError(f"no pretrained weights for encoder {encoder!r}; choices: {', '.join(table)}")
-    return table[encoder]
-
-
-def hub_weights_path(encoder: str) -> Path:
-    """Where torch.hub caches the encoder's weights file ($TORCH_HOME/hub/checkpoints/<file>)."""
-    url = hub_weights(encoder).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
 class CNNEncoder(nn.Module):
@@ -129,14 +113,14 @@ def build_encoder(name: str, *, hidden: int, frame_size: tuple[int, int], load_p
     if name not in ("resnet18", "vit_b_16"):
         raise ValueError(f"unknown encoder {name!r}; choices: resnet18, vit_b_16, cnn")
     if load_pretrained:
-        path = hub_weights_path(name)
+        path = hub_path(name)
         if not path.is_file():
             info.update(used="cnn", reason=f"pretrained {name} weights not found at {path} (no download attempted); "
                                            f"using a trainable CNN encoder instead")
             return CNNEncoder(hidden), info
     encoder = ResNetEncoder(hidden) if name == "resnet18" else ViTEncoder(hidden, frame_size)
     if load_pretrained:
-        state = hub_weights(name).get_state_dict(progress=False, check_hash=False, weights_only=True)
+        state = torchvision_weights(name).get_state_dict(progress=False, check_hash=False, weights_only=True)
         encoder.load_pretrained(state)
         info.update(pretrained=True, weights=str(path))
     return encoder, info
@@ -251,4 +235,4 @@ class ClipLSTM(TemporalModel):
         return l1(out[key][:, -1], self._stack_frames(frames, targets))
 
 
-__all__ = ["ClipLSTM", "build_encoder", "hub_weights_path", "CNNEncoder", "ResNetEncoder", "ViTEncoder"]
+__all__ = ["ClipLSTM", "build_encoder", "CNNEncoder", "ResNetEncoder", "ViTEncoder"]

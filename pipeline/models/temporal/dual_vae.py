@@ -17,9 +17,8 @@ from torch import Tensor, nn
 
 from pipeline.flow.ops import warp
 from pipeline.losses import flow_epe, l1
-from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, zero_init_
+from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, unet_depth, zero_init_
 from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets, window_indices
-from pipeline.models.temporal.warp_occ import unet_depth
 
 
 class DualVAE(LatentIO, TemporalModel):

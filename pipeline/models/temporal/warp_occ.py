@@ -16,18 +16,10 @@ from torch import Tensor, nn
 
 from pipeline.flow.ops import resize_flow, warp
 from pipeline.losses import flow_epe, l1, occlusion_bce
-from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, zero_init_
+from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, unet_depth, zero_init_
 from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets
 
 MASK_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982: the mask starts (almost) fully visible
-
-
-def unet_depth(h: int, w: int, most: int = 2) -> int:
-    """Stride-2 levels a h x w map allows (each side stays >= 2 and even), at most `most`."""
-    depth = 0
-    while depth < most and h % 2 == 0 and w % 2 == 0 and h >= 4 and w >= 4:
-        h, w, depth = h // 2, w // 2, depth + 1
-    return depth
 
 
 class WarpOcc(LatentIO, TemporalModel):
@@ -137,4 +129,4 @@ class WarpOcc(LatentIO, TemporalModel):
         return l1(pred, truth)
 
 
-__all__ = ["WarpOcc", "unet_depth", "MASK_INIT_LOGIT"]
+__all__ = ["WarpOcc", "MASK_INIT_LOGIT"]
