@@ -147,3 +147,41 @@ def section(name: str, **changes):
 
     params = params_from_dict(yaml.safe_load((REPO / "params.yaml").read_text()))
     return dataclasses.replace(getattr(params, name), **changes)
+
+
+TINY_VAE = dict(hidden=16, latent_channels=4, patch=2)
+
+
+def tiny_vae_data(seed: int = 0, n: int = 24, size: int = 16):
+    """A TensorDataset of smooth random frames (item: (frame [3,H,W],)); other seeds, other content, same size."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
+    return TensorDataset(x)
+
+
+def train_tiny_vae(tmp, *, steps: int = 10, data_seed: int = 0, stop_at: int | None = None, callback=None,
+                   seed_model: int = 0, **cfg):
+    """The shared training loop on a tiny VAE, checkpoints under tmp/models; stop_at simulates a kill there."""
+    import hashlib
+
+    from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
+    from pipeline.training import TrainConfig, seed_everything, train
+
+    def stop(step, model):
+        if callback is not None:
+            callback(step, model)
+        if step == stop_at:
+            raise KeyboardInterrupt(f"simulated kill after step {step}")
+
+    data = tiny_vae_data(data_seed)
+    seed_everything(seed_model)
+    model = VAE(VAEConfig(**TINY_VAE))
+    config = TrainConfig(**{"steps": steps, "batch": 6, "lr": 2e-3, "warmup": 3, "ckpt_every": 3, "log_every": 2,
+                            **cfg})
+    identity = {"frames": hashlib.md5(data.tensors[0].numpy().tobytes()).hexdigest()}
+    return train(model, data, lambda m, b, step: frame_vae_loss(m, b[0], beta=1e-3, warmup=4, step=step),
+                 config=config, checkpoint=tmp / "models" / "vae.pt", kind="vae", model_args=model.config.to_dict(),
+                 params={"vae": {"steps": steps}}, report_dir=tmp / "reports" / "vae", device="cpu",
+                 callback=stop if (stop_at is not None or callback is not None) else None, data_identity=identity)

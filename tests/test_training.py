@@ -10,36 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
+from helpers import TINY_VAE, tiny_vae_data, train_tiny_vae
 from pipeline.checkpoint import (CheckpointError, load_checkpoint, load_model, make_checkpoint, save_checkpoint)
 from pipeline.models.flow_vae import build_flow_vae
 from pipeline.models.vae import build_vae
-from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
+from pipeline.models.vae import VAE, VAEConfig
 from pipeline.training import (StepBatchSampler, TrainConfig, lr_at, resume_path, seed_everything, train)
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = VAEConfig(hidden=16, latent_channels=4, patch=2)
+CFG = VAEConfig(**TINY_VAE)
 
 
-def _data(n=24, size=16):
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
-    return TensorDataset(x)  # item: (frame [3,H,W],)
-
-
-def _loss(model, batch, step):
-    return frame_vae_loss(model, batch[0], beta=1e-3, warmup=4, step=step)
-
-
-def _run(tmp, *, steps=10, callback=None, seed_model=0, **cfg):
-    seed_everything(seed_model)
-    model = VAE(CFG)
-    config = TrainConfig(**{"steps": steps, "batch": 6, "lr": 2e-3, "warmup": 3, "ckpt_every": 3, "log_every": 2,
-                            **cfg})
-    return train(model, _data(), _loss, config=config, checkpoint=tmp / "models" / "vae.pt", kind="vae",
-                 model_args=CFG.to_dict(), params={"vae": {"steps": steps}}, report_dir=tmp / "reports" / "vae",
-                 device="cpu", callback=callback)
+def _run(tmp, *, callback=None, **kw):
+    return train_tiny_vae(tmp, callback=callback, **kw)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -135,12 +119,12 @@ def test_hard_killed_process_resumes(tmp_path):
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
         import torch; torch.set_num_threads({torch.get_num_threads()})  # same numerics as this process
-        from test_training import _run
+        from helpers import train_tiny_vae
         kill = int(sys.argv[1])
         def die(step, model):
             if step == kill:
                 os._exit(17)
-        _run(Path(sys.argv[2]), callback=die if kill else None)
+        train_tiny_vae(Path(sys.argv[2]), callback=die if kill else None)
     """)
     (tmp_path / "job.py").write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -161,7 +145,7 @@ def test_nonfinite_loss_fails_clearly(tmp_path):
     seed_everything(0)
     config = TrainConfig(steps=4, batch=6, lr=1e-3, log_every=2, ckpt_every=0)
     with pytest.raises(FloatingPointError, match="diverged before step 2"):
-        train(VAE(CFG), _data(), bad_loss, config=config, checkpoint=tmp_path / "m.pt", kind="vae",
+        train(VAE(CFG), tiny_vae_data(), bad_loss, config=config, checkpoint=tmp_path / "m.pt", kind="vae",
               model_args=CFG.to_dict(), device="cpu")
     assert not (tmp_path / "m.pt").exists()
 
@@ -222,9 +206,9 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
         torch.set_num_threads(1)
         import torch.distributed as dist
-        from test_training import _run
+        from helpers import train_tiny_vae
         out = Path(sys.argv[1])
-        result = _run(out, steps=6)
+        result = train_tiny_vae(out, steps=6)
         flat = torch.cat([p.detach().flatten() for p in result.model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, flat)
