@@ -3,7 +3,8 @@
     python bench/bench_seeds.py [--seeds 0,1,2] [--split test|val] [-S KEY=VALUE ...]
 
 Each seed sets `train.seed` and the seeds of the VAEs the arch builds on (`vae.seed` for the latent
-archs, `flow_vae.seed` too for dual_vae), then re-runs train_vae .. evaluate in a temporary directory
+archs, `flow_vae.seed` too for dual_vae; pixel-space warp_occ uses none), then re-runs from the first
+stage those seeds reach to evaluate in a temporary directory
 (bench/sweep.py's runner; the data and flow come from the workspace's last `dvc repro`). A gain claimed in
 the README is meaningful only when it is larger than this spread. This script reports; it chooses nothing,
 so it may read the test split (the default, where the README's table is).
@@ -25,15 +26,17 @@ import yaml  # noqa: E402
 from bench.common import REPO, save  # noqa: E402
 from bench.sweep import parse_grid, run_variant, set_key  # noqa: E402
 
-LATENT_ARCHS = {"latent", "latent_flow", "warp_occ", "dual_vae"}
+def seed_overrides(raw: dict, seed: int) -> dict:
+    """The seed params the configured arch's result depends on (its VAEs' seeds only where it is built on them)."""
+    from pipeline.config import params_from_dict
+    from pipeline.models.temporal import needs_vae
 
-
-def seed_overrides(arch: str, seed: int) -> dict:
-    """The seed params an arch's result depends on."""
+    p = params_from_dict(raw)
+    want_vae, want_flow_vae = needs_vae(p.model.arch, p.model)
     out = {"train.seed": seed}
-    if arch in LATENT_ARCHS:
+    if want_vae:
         out["vae.seed"] = seed
-    if arch == "dual_vae":
+    if want_flow_vae:
         out["flow_vae.seed"] = seed
     return out
 
@@ -78,8 +81,8 @@ def main() -> None:
         for seed in seeds:
             work = Path(tmp) / f"seed{seed}"
             work.mkdir()
-            print(f"seed {seed}: {seed_overrides(arch, seed)}", flush=True)
-            metrics = run_variant(raw, seed_overrides(arch, seed), base=args.base.resolve(), work=work, split=args.split)
+            print(f"seed {seed}: {seed_overrides(raw, seed)}", flush=True)
+            metrics = run_variant(raw, seed_overrides(raw, seed), base=args.base.resolve(), work=work, split=args.split)
             runs.append(metrics)
             print(f"  model {metrics['model']['psnr']} dB, model - flow_extrap "
                   f"{metrics['model_minus_flow_extrap']['psnr']} dB", flush=True)
