@@ -28,7 +28,7 @@ from pipeline.config import Params  # noqa: E402
 def arch_row(arch: str, params: Params, work: Path, *, train_steps: int) -> dict:
     """Train `arch` briefly, run inference on the test split, return its frames/s per method."""
     from pipeline.inference import infer
-    from pipeline.temporal import train_temporal
+    from pipeline.temporal_training import train_temporal
 
     paths = dataclasses.replace(params.paths, temporal=str(work / f"{arch}.pt"),
                                 predictions=str(work / f"{arch}_predictions.h5"))

@@ -97,7 +97,7 @@ def arch_row(arch: str, params: Params, work: Path, *, steps: int) -> dict:
     """Train `arch` for `steps` steps on the workspace data and time the loop."""
     import dataclasses
 
-    from pipeline.temporal import train_temporal
+    from pipeline.temporal_training import train_temporal
 
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, arch=arch))
     report = train_temporal(params, steps=steps, checkpoint=work / f"{arch}.pt", report_dir=work / "reports" / arch)

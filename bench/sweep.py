@@ -94,7 +94,7 @@ def _stage_functions() -> dict[str, Callable]:
     from pipeline.flow.compute import compute_flow
     from pipeline.inference import infer
     from pipeline.io import atomic_path, resolve_device
-    from pipeline.temporal import train_temporal
+    from pipeline.temporal_training import train_temporal
     from pipeline.latents import encode_latents
     from pipeline.vae_training import train_flow_vae, train_vae
 

@@ -14,6 +14,7 @@ Writes (DESIGN §7, docs/EVALUATION.md):
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Callable
@@ -21,11 +22,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.data.datasets import frames_to_tensor
 from pipeline.io import open_h5, write_json
 from pipeline.metrics import (LPIPSUnavailable, average_precision, best_f1, event_recall, f1_score, load_lpips,
                               lpips_distance, psnr, ssim)
 from pipeline.predictions import KINDS, METHODS, read_attrs
 from pipeline.stats import Interval, bootstrap_mean, paired_difference, resample_indices
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_METRICS", "SCORES", "PAIRS", "score_predictions", "summarize", "write_plot_tables", "evaluate"]
 
@@ -35,17 +39,12 @@ PAIRS = (("model", "copy_last"), ("model", "flow_extrap"), ("model", "flow_advec
 DECIMALS = 5
 
 
-def _frames(x: np.ndarray) -> torch.Tensor:
-    """uint8 [...,H,W,3] -> float [...,3,H,W] in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3))).float().div_(255.0)
-
-
 def _round(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), DECIMALS)
 
 
 def score_predictions(pred_h5: str | Path, frames_h5: str | Path, *, lpips_model: torch.nn.Module | None,
-                      chunk: int = 8, log: Callable[[str], None] = print) -> dict:
+                      chunk: int = 8, log: Callable[[str], None] = LOG.info) -> dict:
     """Per-video, per-step scores of every method: {'scores': {method: {metric: [N,horizon]}}, ...}.
 
     Metrics: psnr, ssim, lpips (rollout; lpips only with a model) and psnr_step1, ssim_step1 (each frame
@@ -79,9 +78,9 @@ def score_predictions(pred_h5: str | Path, frames_h5: str | Path, *, lpips_model
         scores = {m: {k: np.zeros((N, Hz), np.float64) for k in names} for m in methods}
         for s in range(0, N, chunk):
             rows = slice(s, min(N, s + chunk))
-            truth = _frames(group["video"][rows, C:C + Hz])  # [b,Hz,3,H,W]
+            truth = frames_to_tensor(group["video"][rows, C:C + Hz])  # [b,Hz,3,H,W]
             for m in methods:
-                roll, one = _frames(p[m]["rollout"][rows]), _frames(p[m]["step1"][rows])
+                roll, one = frames_to_tensor(p[m]["rollout"][rows]), frames_to_tensor(p[m]["step1"][rows])
                 scores[m]["psnr"][rows] = psnr(roll, truth).numpy()
                 scores[m]["ssim"][rows] = ssim(roll, truth).numpy()
                 scores[m]["psnr_step1"][rows] = psnr(one, truth).numpy()
@@ -228,7 +227,7 @@ def write_plot_tables(details: dict, plots_dir: str | Path) -> list[Path]:
     return written
 
 
-def evaluate(params, *, log: Callable[[str], None] = print) -> dict:
+def evaluate(params, *, log: Callable[[str], None] = LOG.info) -> dict:
     """The evaluate stage: score predictions.h5, write metrics.json, details, per-video scores, plots, figures."""
     from pipeline.io import resolve_device
     from pipeline.pretrained import hub_dir, weights_dir

@@ -10,6 +10,7 @@ frame with `model.context` frames of history for the collision head (`model/coll
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from pipeline.baselines import PREDICTORS, vae_reconstruction
 from pipeline.clips import clip_slice, history_windows
 from pipeline.io import atomic_path
+from pipeline.metrics import finite_mean
 from pipeline.predictions import PredictionWriter
 from pipeline.ttt import TTTAdapter
+
+LOG = logging.getLogger(__name__)
 
 __all__ = ["InferenceSettings", "rollout_model", "run_inference", "infer"]
 
@@ -107,7 +112,7 @@ class _Clock:
 def run_inference(*, model: nn.Module, vae: nn.Module | None, dataset, out_path: str | Path,
                   settings: InferenceSettings, device: torch.device | str = "cpu", arch: str = "",
                   model_context: int, flow_backend: str = "", teacher_forced: bool = True,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = LOG.info) -> dict:
     """Predict every video of `dataset` (ClipDataset items of whole videos) into predictions.h5, atomically.
 
     `model` follows the temporal contract (docs/ARCHITECTURE.md); `vae` is the frame VAE (for the
@@ -155,6 +160,7 @@ def run_inference(*, model: nn.Module, vae: nn.Module | None, dataset, out_path:
         writer = PredictionWriter(f, methods=methods, videos=N, horizon=Hz, frame_shape=(H, W),
                                   teacher_frames=T - mc, teacher_forced=teacher_forced)
         start = 0
+        bar = tqdm(total=N, desc=f"infer {settings.split}", disable=None, leave=False)  # a bar on a terminal only
         for batch in loader:
             B = batch["frames"].shape[0]
             rows = slice(start, start + B)
@@ -206,8 +212,10 @@ def run_inference(*, model: nn.Module, vae: nn.Module | None, dataset, out_path:
                         writer.frames("vae_recon", "rollout", rows, recon)
                         writer.frames("vae_recon", "step1", rows, recon)
             start += B
-            log(f"infer: {start}/{N} {settings.split} videos")
+            LOG.debug("infer: %d/%d %s videos", start, N, settings.split)
+            bar.update(B)
 
+        bar.close()
         ttt_info = _ttt_summary(settings, trainer, ttt_reason, ttt_rows)
         if ttt_rows:
             before, after, best, steps, diverged, grad_norm, _ = (np.array(c) for c in zip(*ttt_rows))
@@ -234,21 +242,16 @@ def _ttt_summary(settings: InferenceSettings, trainer, reason: str | None, rows:
             "num_parameters": trainer.num_parameters if trainer is not None else 0}
     if rows:
         before, after, best, _, diverged, grad_norm, _ = (np.array(c, dtype=np.float64) for c in zip(*rows))
-        info.update(loss_before_mean=_finite_mean(before), loss_after_mean=_finite_mean(after),
+        info.update(loss_before_mean=finite_mean(before), loss_after_mean=finite_mean(after),
                     diverged_videos=int(diverged.sum()), adapted_videos=int((best > 0).sum()),
-                    grad_norm_mean=_finite_mean(grad_norm))
+                    grad_norm_mean=finite_mean(grad_norm))
         if settings.ttt_steps > 0 and not (grad_norm > 0).any():
             info["warning"] = (f"ttt.loss={settings.ttt_loss} has zero gradient w.r.t. ttt.params="
                                f"{settings.ttt_params} on every video: TTT changed nothing")
     return info
 
 
-def _finite_mean(x: np.ndarray) -> float | None:
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if x.size else None
-
-
-def infer(params, *, log: Callable[[str], None] = print) -> dict:
+def infer(params, *, log: Callable[[str], None] = LOG.info) -> dict:
     """The infer stage: the trained models and the videos of eval.split -> predictions.h5."""
     from pipeline.checkpoint import load_checkpoint, load_model, model_from_checkpoint
     from pipeline.data.datasets import ClipDataset, flow_backend, split_group

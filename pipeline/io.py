@@ -79,6 +79,16 @@ def open_h5(path: str | Path, *, what: str = "HDF5 file"):
                              f"that writes it") from None
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """The stages' one log format, on stderr; level from $PIPELINE_LOG_LEVEL (default INFO; DEBUG, WARNING, ...)."""
+    import logging
+
+    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO").upper(), format=LOG_FORMAT)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (indent 2, keys in insertion order)."""
     with atomic_path(path) as tmp:
@@ -92,9 +102,9 @@ def split_run_info(report: dict) -> tuple[dict, dict]:
     return report, report.pop("run", {}) or {}
 
 
-def file_digest(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    """md5 of a file's bytes (what DVC hashes too), e.g. to tie a resume checkpoint to its input data."""
-    h = hashlib.md5()
+def file_digest(path: str | Path, *, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes: md5 (what DVC hashes too) by default, e.g. to tie a resume to its data."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)

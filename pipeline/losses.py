@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l1", "end_point_error", "flow_epe", "occlusion_bce", "focal_loss", "box_l1", "weighted_total"]
+__all__ = ["l1", "epe_map", "end_point_error", "flow_epe", "occlusion_bce", "focal_loss", "box_l1", "weighted_total"]
 
 
 def _same_shape(pred: Tensor, target: Tensor, what: str) -> None:
@@ -25,15 +25,23 @@ def l1(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.float() - target.float()).abs().mean()
 
 
+def epe_map(pred: Tensor, target: Tensor, *, eps: float = 0.0) -> Tensor:
+    """Per-pixel end-point error |pred - target|_2 over the flow channel (dim 1): [B,2,...] -> [B,...].
+
+    eps inside the square root keeps the gradient finite where pred == target (the training losses).
+    """
+    if pred.shape != target.shape or pred.ndim < 2 or pred.shape[1] != 2:
+        raise ValueError(f"expected two flows [B,2,...] of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    diff = pred.float() - target.float()
+    return torch.sqrt(diff.pow(2).sum(1) + eps)
+
+
 def end_point_error(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     """Mean end-point error: mean over pixels of the L2 norm of the flow difference (channel dim 1).
 
     weight [B,...] (the flow shape without the channel dim): a weighted mean over pixels instead.
     """
-    if pred.shape != target.shape or pred.ndim < 2 or pred.shape[1] != 2:
-        raise ValueError(f"expected two flows [B,2,...] of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    diff = pred.float() - target.float()
-    epe = torch.sqrt(diff.pow(2).sum(1) + 1e-12)  # [B,...]
+    epe = epe_map(pred, target, eps=1e-12)  # [B,...]
     if weight is None:
         return epe.mean()
     if weight.shape != epe.shape:

@@ -5,7 +5,6 @@ image, shape [...] (the leading dims of the input), so callers average however t
 """
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from pipeline.pretrained import hub_path, torchvision_weights
 
 __all__ = [
     "psnr", "ssim", "gaussian_window", "LPIPSUnavailable", "lpips_backbone_path", "load_lpips",
-    "lpips_distance", "average_precision", "f1_score", "best_f1", "event_recall", "finite_or_none", "PSNR_MAX_DB",
+    "lpips_distance", "average_precision", "f1_score", "best_f1", "event_recall", "confusion_scores", "finite_mean", "PSNR_MAX_DB",
 ]
 
 # PSNR of identical images is +inf; it is capped here so that averages and JSON stay finite.
@@ -168,13 +167,19 @@ def average_precision(scores, labels) -> float | None:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def confusion_scores(*, tp: int, fp: int, fn: int) -> dict[str, float | None]:
+    """F1, IoU, precision and recall from counts; None where a ratio has no denominator."""
+    return {"f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+            "iou": tp / (tp + fp + fn) if tp + fp + fn else None,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None}
+
+
 def f1_score(scores, labels, *, threshold: float = 0.5) -> float | None:
     """F1 of `scores >= threshold` against labels; None when there is neither a positive label nor prediction."""
     s, y = _scores_labels(scores, labels)
     hit = s >= threshold
-    tp = int(np.sum(hit & y))
-    denom = 2 * tp + int(np.sum(hit & ~y)) + int(np.sum(~hit & y))
-    return None if denom == 0 else 2 * tp / denom
+    return confusion_scores(tp=int(np.sum(hit & y)), fp=int(np.sum(hit & ~y)), fn=int(np.sum(~hit & y)))["f1"]
 
 
 def best_f1(scores, labels) -> tuple[float | None, float | None]:
@@ -213,6 +218,8 @@ def event_recall(scores, labels, *, threshold: float, tolerance: int = 1) -> flo
     return float(near[events].mean()) if events.any() else None
 
 
-def finite_or_none(x: float | None) -> float | None:
-    """A float for JSON, or None when missing / not finite."""
-    return None if x is None or not math.isfinite(float(x)) else float(x)
+def finite_mean(x) -> float | None:
+    """The mean of the finite entries of an array (for JSON), None when there are none."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None

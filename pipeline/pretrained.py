@@ -41,8 +41,8 @@ holds exactly what the manifests list as available.
 """
 from __future__ import annotations
 
+import logging
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -59,7 +59,9 @@ from urllib.parse import urlparse
 
 import torch.hub
 
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, file_digest, write_json
+
+LOG = logging.getLogger(__name__)
 
 __all__ = [
     "CONSUMERS", "MANIFEST", "WeightsRequest", "DownloadError", "requested_weights", "provide", "fetch",
@@ -103,12 +105,8 @@ def hash_prefix(file: str) -> str | None:
 
 
 def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of a file (the hash torch.hub's file names carry a prefix of)."""
+    return file_digest(path, algorithm="sha256", chunk=chunk)
 
 
 # the project's pretrained components and their torchvision Weights (enum class, member); one table for all
@@ -287,7 +285,7 @@ def _retryable(err: BaseException) -> bool:
 
 def fetch(url: str, dst: str | Path, *, hash_prefix: str | None, connect_timeout: float = 10.0,
              retries: int = 2, retry_wait: float = 1.0, progress: bool = True,
-             log: Callable[[str], Any] = print) -> None:
+             log: Callable[[str], Any] = LOG.info) -> None:
     """Fetch `url` to `dst` with torch.hub.download_url_to_file: bounded waits, cut transfers retried,
     a sha256 that does not start with `hash_prefix` refused at once; raises DownloadError naming both."""
     if connect_timeout <= 0 or retries < 0 or retry_wait < 0:
@@ -391,7 +389,7 @@ def _prune(checkpoints: Path, keep: set[str], log: Callable[[str], Any]) -> None
 
 def provide(requests: Iterable[WeightsRequest], out_dir: str | Path, *, download: bool, mirror: str | None,
             hub_dir: str | Path | None = None, connect_timeout: float = 10.0, retries: int = 2,
-            retry_wait: float = 1.0, progress: bool = True, log: Callable[[str], Any] = print) -> dict:
+            retry_wait: float = 1.0, progress: bool = True, log: Callable[[str], Any] = LOG.info) -> dict:
     """Make each request available under <out_dir>/<consumer>/hub/checkpoints (hub cache, else fetched, else
     recorded missing), write every consumer's manifest.json; returns {"consumers": {...}, "run": {...}}."""
     t0 = time.monotonic()

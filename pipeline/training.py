@@ -25,6 +25,7 @@ with an N-times larger batch sees the same samples but draws its noise different
 from __future__ import annotations
 
 import dataclasses
+import logging
 import hashlib
 import inspect
 import json
@@ -39,10 +40,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint, unwrap
 from pipeline.distributed import barrier, init_distributed
 from pipeline.io import resolve_device
+
+LOG = logging.getLogger(__name__)
 
 LossFn = Callable[..., dict]
 
@@ -216,7 +220,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
             state = load_checkpoint(resume, kind=kind, map_location=dev)
         except CheckpointError as e:
             state = None
-            _say(rank, f"ignoring unreadable resume checkpoint ({e}); starting from step 0")
+            _say(rank, f"ignoring unreadable resume checkpoint ({e}); starting from step 0", level=logging.WARNING)
         if state is not None and state.get("fingerprint") == fingerprint:
             unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -227,8 +231,8 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
         elif state is not None:
             old = state.get("fingerprint") if isinstance(state.get("fingerprint"), dict) else {}
             changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-            _say(rank, f"WARNING: discarding {resume}: it belongs to another run ({', '.join(changed)} changed); "
-                       f"starting from step 0")
+            _say(rank, f"discarding {resume}: it belongs to another run ({', '.join(changed)} changed); "
+                       f"starting from step 0", level=logging.WARNING)
             if rank == 0:
                 resume.unlink(missing_ok=True)
     barrier()
@@ -251,7 +255,9 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
     ddp_model.train()
     batches = iter(loader)
     try:
-        for step in range(start, config.steps):
+        steps = tqdm(range(start, config.steps), desc=f"train {kind}", initial=start, total=config.steps,
+                     disable=None if rank == 0 else True, leave=False)  # None: a bar on a terminal only
+        for step in steps:
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -289,6 +295,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
                     raise FloatingPointError(f"{kind} training diverged before step {done}: non-finite {bad} "
                                              f"({metrics}); lower the lr or check the data")
                 metrics["lr"] = lr
+                steps.set_postfix(loss=f"{metrics.get('total', float('nan')):.4g}", refresh=False)
                 history.append({"step": done, **metrics})
                 if live is not None:
                     _log_row(live, history[-1])
@@ -360,6 +367,6 @@ def _log_row(live, row: dict) -> None:
     live.make_summary()
 
 
-def _say(rank: int, message: str) -> None:
+def _say(rank: int, message: str, *, level: int = logging.INFO) -> None:
     if rank == 0:
-        print(f"[training] {message}", flush=True)
+        LOG.log(level, message)

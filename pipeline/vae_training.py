@@ -18,7 +18,7 @@ from pipeline.data.datasets import FlowFieldDataset, FrameDataset, has_split
 from pipeline.distributed import is_main_process
 from pipeline.io import atomic_path, file_digest, write_json
 from pipeline.metrics import psnr, ssim
-from pipeline.losses import end_point_error
+from pipeline.losses import end_point_error, epe_map
 from pipeline.models.flow_vae import MOVING_PX, FlowVAE, FlowVAEConfig, flow_vae_loss
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
 from pipeline.training import TrainConfig, seed_everything, train
@@ -88,8 +88,8 @@ def evaluate_flow_reconstruction(model: FlowVAE, dataset: FlowFieldDataset, *, d
     pixels = moving = 0
     for flow in DataLoader(dataset, batch_size=batch, shuffle=False):
         flow = flow.to(device).float()  # [B,2,H,W]
-        err = (model.decode(model.encode(flow)[0]).float() - flow).norm(dim=1)  # [B,H,W]
-        mag = flow.norm(dim=1)  # [B,H,W] = EPE of predicting zero flow
+        err = epe_map(model.decode(model.encode(flow)[0]), flow)  # [B,H,W]
+        mag = epe_map(torch.zeros_like(flow), flow)  # [B,H,W]: the EPE of predicting zero flow
         mask = mag > MOVING_PX
         sums["epe"] += err.sum().item()
         sums["zero"] += mag.sum().item()

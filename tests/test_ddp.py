@@ -160,7 +160,7 @@ def _reference(root: Path, **changes) -> VAE:
 def test_train_vae_under_torchrun_matches_one_process_with_the_same_global_batch(project):
     root, env = project
     proc = _stage(root, env, 2)  # torchrun --standalone --nproc_per_node 2, through the environment switch
-    assert proc.stdout.count("train_vae: test PSNR") == 1, proc.stdout  # only rank 0 reports
+    assert proc.stderr.count("train_vae: test PSNR") == 1, proc.stderr  # only rank 0 reports (the stage log)
     ckpt = load_checkpoint(root / "models" / "vae.pt", kind="vae")
     assert ckpt["step"] == DDP_VAE["steps"] and ckpt["params"]["vae"]["batch"] == 4
     metrics = json.loads((root / "reports" / "vae" / "metrics.json").read_text())

@@ -18,7 +18,8 @@ def write_params(root, tiny: dict, **data) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
 
 
-def test_clevrer_source(clevrer, tmp_path, monkeypatch, capsys, tiny_params_dict_fixture):
+def test_clevrer_source(clevrer, tmp_path, monkeypatch, caplog, tiny_params_dict_fixture):
+    caplog.set_level("INFO")
     srv = FakeServer(clevrer["archives"])
     try:
         write_params(tmp_path, tiny_params_dict_fixture, source="clevrer",
@@ -39,7 +40,7 @@ def test_clevrer_source(clevrer, tmp_path, monkeypatch, capsys, tiny_params_dict
     # the resume cache is next to the out, never in it (DVC deletes the out before running the stage)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".download_cache", "raw"]
     assert list((tmp_path / "data" / ".download_cache").rglob("video_00004.mp4"))
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "download: clevrer: 7 videos" in out and "MiB downloaded" in out
 
 

@@ -29,13 +29,13 @@ def stage_params(tmp_path, **sections):
 
 # ---- stale state ------------------------------------------------------------------------------------------
 
-def test_a_resume_checkpoint_of_other_data_is_discarded_loudly(tmp_path, capsys):
+def test_a_resume_checkpoint_of_other_data_is_discarded_loudly(tmp_path, caplog):
     """Interrupted, then re-run on other data of the same size: it starts over and equals a clean run."""
     with pytest.raises(KeyboardInterrupt):
         train_tiny_vae(tmp_path / "run", data_seed=0, stop_at=4)
     resumed = train_tiny_vae(tmp_path / "run", data_seed=1)
-    out = capsys.readouterr().out
-    assert resumed.resumed_from is None and "discarding" in out and "data changed" in out
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "discarding" in r.getMessage()]
+    assert resumed.resumed_from is None and warned and "data changed" in warned[0].getMessage()
     clean = train_tiny_vae(tmp_path / "clean", data_seed=1)
     for a, b in zip(resumed.model.state_dict().values(), clean.model.state_dict().values()):
         assert torch.equal(a, b)

@@ -134,7 +134,7 @@ def test_flow_and_encode_stages_under_torchrun_match_one_process(tmp_path):
             proc = subprocess.run([sys.executable, "-m", "pipeline.launch", stage], cwd=root, capture_output=True,
                                   text=True, env=dict(env, PIPELINE_NPROC=str(nproc)), timeout=600)
             assert proc.returncode == 0, f"{stage} x{nproc} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            assert proc.stdout.count(f"{stage}: ") == 1 and f"{nproc} rank(s)" in proc.stdout, proc.stdout
+            assert proc.stderr.count(f"stages.{stage}: ") == 1 and f"{nproc} rank(s)" in proc.stderr, proc.stderr
             results[stage, nproc] = root / "data" / f"{out}.x{nproc}"
             (root / "data" / out).rename(results[stage, nproc])
             if stage == "flow":  # encode reads the flow this run wrote

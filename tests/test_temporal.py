@@ -427,7 +427,7 @@ def test_clip_lstm_loads_resnet_weights_from_the_hub_cache(tiny_params, tmp_path
 
 @pytest.mark.parametrize("arch", ["warp_occ", "clip_lstm"])
 def test_train_temporal_stage(tiny_files, arch, tmp_path):
-    from pipeline.temporal import evaluate_psnr, train_temporal
+    from pipeline.temporal_training import evaluate_psnr, train_temporal
     from pipeline.data.datasets import ClipDataset
 
     params = tiny_files

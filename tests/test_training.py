@@ -119,6 +119,7 @@ def test_hard_killed_process_resumes(tmp_path):
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
         import torch; torch.set_num_threads({torch.get_num_threads()})  # same numerics as this process
+        import logging; logging.basicConfig(level=logging.INFO)  # the loop's messages, on stderr
         from helpers import train_tiny_vae
         kill = int(sys.argv[1])
         def die(step, model):
@@ -134,7 +135,7 @@ def test_hard_killed_process_resumes(tmp_path):
     assert killed.returncode == 17, killed.stderr
     assert resume_path(tmp_path / "b" / "models" / "vae.pt").is_file()
     again = run(0, tmp_path / "b")
-    assert again.returncode == 0 and "resuming vae training" in again.stdout, again.stderr
+    assert again.returncode == 0 and "resuming vae training" in again.stderr, again.stderr
     reference = _run(tmp_path / "a")
     assert _same_weights(reference.model, load_model(tmp_path / "b" / "models" / "vae.pt", "vae", build_vae)) == 0.0
 

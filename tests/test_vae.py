@@ -15,7 +15,8 @@ from pipeline.checkpoint import load_checkpoint, load_model
 from pipeline.models.flow_vae import build_flow_vae
 from pipeline.models.vae import build_vae
 from pipeline.config import ConfigError, params_from_dict
-from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig, end_point_error, flow_vae_loss, moving_weights
+from pipeline.losses import end_point_error
+from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig, flow_vae_loss, moving_weights
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss, kl_divergence, kl_weight
 
 from helpers import override, tiny_params_dict

@@ -55,7 +55,7 @@ def flow_backend(flow_h5: str | Path) -> str:
     return used if used == asked or not asked else f"{used} (fallback from {asked})"
 
 
-def _frames_to_tensor(video: np.ndarray) -> torch.Tensor:
+def frames_to_tensor(video: np.ndarray) -> torch.Tensor:
     """uint8 [...,H,W,3] -> float [...,3,H,W] in [0,1]."""
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(video, -1, -3))).float().div_(255.0)
 
@@ -72,7 +72,7 @@ class FrameDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         v, t = divmod(int(index), self.num_frames)
-        return _frames_to_tensor(self.files["frames"][self.split]["video"][v, t])  # [3,H,W]
+        return frames_to_tensor(self.files["frames"][self.split]["video"][v, t])  # [3,H,W]
 
 
 class FlowFieldDataset(Dataset):
@@ -120,7 +120,7 @@ class ClipDataset(Dataset):
         t1 = t0 + self.length
         group = self.files["frames"][self.split]
         item = {
-            "frames": _frames_to_tensor(group["video"][v, t0:t1]),  # [L,3,H,W]
+            "frames": frames_to_tensor(group["video"][v, t0:t1]),  # [L,3,H,W]
             "collision": torch.from_numpy(group["collision"][v, t0:t1].astype(np.float32)),  # [L]
             "boxes": torch.from_numpy(group["boxes"][v, t0:t1].astype(np.float32)),  # [L,K,4]
             "box_mask": torch.from_numpy(group["box_mask"][v, t0:t1].astype(np.float32)),  # [L,K]

@@ -639,9 +639,7 @@ def _render_one(task: tuple[str, str, int, int, Synthetic]) -> dict:
 
 
 def render_dataset(out_dir: Path, *, data: Data, synthetic: Synthetic) -> dict:
-    """Render every split's videos into out_dir in CLEVRER's layout; returns a report dict."""
-    if synthetic.width % 2 or synthetic.height % 2:
-        raise ValueError(f"synthetic.width/height must be even for H.264, got {synthetic.width}x{synthetic.height}")
+    """Render every split's videos into out_dir in CLEVRER's layout; returns a report dict (sizes: config.Synthetic)."""
     out_dir = Path(out_dir)
     splits = split_ids(data.splits)
     tasks = [(str(out_dir), cs, vid, data.seed, synthetic) for _, (cs, ids) in splits.items() for vid in ids]

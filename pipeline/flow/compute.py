@@ -18,6 +18,8 @@ from torch import Tensor
 
 from pipeline.config import Flow, params_hash, to_dict
 from pipeline.io import open_h5
+from pipeline.losses import epe_map
+from pipeline.metrics import confusion_scores
 from pipeline.flow.backends import BackendInfo, FlowBackend, FlowBackendError, PairBatch, build_backend
 from pipeline.flow.ops import occlusion, warp
 from pipeline.sharding import Shard, write_rows
@@ -50,8 +52,8 @@ class QualityAccumulator:
 
     def update(self, fwd: Tensor, bwd: Tensor, hard: Tensor, gt_fwd: Tensor, gt_bwd: Tensor, gt_vis: Tensor) -> None:
         """fwd/bwd/gt_* [B,2,H,W], hard [B,1,H,W] (1 = visible), gt_vis [B,H,W] bool."""
-        epe_b = (bwd - gt_bwd).norm(dim=1)  # [B,H,W]
-        epe_f = (fwd - gt_fwd).norm(dim=1)
+        epe_b = epe_map(bwd, gt_bwd)  # [B,H,W]
+        epe_f = epe_map(fwd, gt_fwd)
         mag = gt_bwd.norm(dim=1)
         self.pixels += epe_b.numel()
         self.visible += int(gt_vis.sum())
@@ -92,12 +94,7 @@ def _count(acc: dict, pred: Tensor, true: Tensor) -> None:
 
 
 def _scores(c: dict) -> dict:
-    tp, fp, fn = c["tp"], c["fp"], c["fn"]
-    f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else None
-    iou = tp / (tp + fp + fn) if (tp + fp + fn) else None
-    prec = tp / (tp + fp) if (tp + fp) else None
-    rec = tp / (tp + fn) if (tp + fn) else None
-    return {"f1": f1, "iou": iou, "precision": prec, "recall": rec, **c}
+    return {**confusion_scores(tp=c["tp"], fp=c["fp"], fn=c["fn"]), **c}
 
 
 def _splits(frames: h5py.File, path: Path) -> list[str]:

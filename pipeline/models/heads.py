@@ -35,13 +35,18 @@ def unet_depth(h: int, w: int, most: int = 2) -> int:
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block: (GN, SiLU, conv3x3) x 2 with a 1x1 skip when widths differ."""
+    """Pre-activation residual block: (GN, SiLU, conv3x3) x 2 with a 1x1 skip when widths differ.
 
-    def __init__(self, cin: int, cout: int):
+    zero_init: the second conv starts at zero, so the block starts as its skip path (the VAEs use this).
+    """
+
+    def __init__(self, cin: int, cout: int, *, zero_init: bool = False):
         super().__init__()
         self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        if zero_init:
+            zero_init_(self.conv2)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))

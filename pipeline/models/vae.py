@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models import heads
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
@@ -55,26 +57,9 @@ class VAEConfig:
         return dataclasses.asdict(self)
 
 
-def _norm(ch: int) -> nn.GroupNorm:
-    """GroupNorm with up to 8 groups that divide `ch`."""
-    return nn.GroupNorm(math.gcd(8, ch), ch)
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block: (GN, SiLU, conv3x3) x 2 plus a 1x1 skip when widths differ."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)  # each block starts as its skip path: faster, stabler early training
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+def ResBlock(cin: int, cout: int) -> nn.Module:  # noqa: N802 (a block constructor)
+    """The shared residual block, each one starting as its skip path: faster, stabler early training."""
+    return heads.ResBlock(cin, cout, zero_init=True)
 
 
 class Encoder(nn.Module):
@@ -91,7 +76,7 @@ class Encoder(nn.Module):
             layers.append(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1))
         layers += [ResBlock(ch[-1], ch[-1]) for _ in range(max(cfg.res_blocks, 1))]
         self.body = nn.Sequential(*layers)
-        self.norm_out = _norm(ch[-1])
+        self.norm_out = heads.group_norm(ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +97,7 @@ class Decoder(nn.Module):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i + 1], ch[i], 3, padding=1)]
             layers += [ResBlock(ch[i], ch[i]) for _ in range(cfg.res_blocks)]
         self.body = nn.Sequential(*layers)
-        self.norm_out = _norm(ch[0])
+        self.norm_out = heads.group_norm(ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.in_channels * cfg.patch ** 2, 3, padding=1)
         self.unstem = nn.PixelShuffle(cfg.patch) if cfg.patch > 1 else nn.Identity()
 

@@ -4,10 +4,13 @@ synthetic renders the videos locally; clevrer fetches the requested subset of th
 The raw dir is built in a temporary sibling and renamed into place only when complete. The download
 cache (partial and fetched archive data, for resuming) is data/.download_cache/, outside the DVC out.
 """
+import logging
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.io import atomic_path, split_run_info, write_json
+from pipeline.io import atomic_path, setup_logging, split_run_info, write_json
+
+log = logging.getLogger("pipeline.stages.download")
 
 REPORT_NAME = "download_report.json"
 
@@ -18,6 +21,7 @@ def cache_dir_for(raw: str | Path) -> Path:
 
 
 def main() -> None:
+    setup_logging()
     params = load_params()
     raw = Path(params.paths.raw)
     with atomic_path(raw) as tmp:
@@ -35,7 +39,7 @@ def main() -> None:
         write_json(tmp / REPORT_NAME, report)
     n_videos = sum(1 for _ in raw.glob("videos/*/*/*.mp4"))
     extra = f", {run['bytes_downloaded'] / 2**20:.1f} MiB downloaded" if "bytes_downloaded" in run else ""
-    print(f"download: {params.data.source}: {n_videos} videos in {run.get('seconds', '?')} s{extra} -> {raw}")
+    log.info(f"download: {params.data.source}: {n_videos} videos in {run.get('seconds', '?')} s{extra} -> {raw}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,19 @@
 Under torchrun (PIPELINE_NPROC=N, see pipeline.launch) each rank encodes every N-th video and rank 0
 merges the shards into data/latents.h5 (pipeline.sharding).
 """
+import logging
+
 from pipeline.config import load_params
+from pipeline.io import setup_logging
 from pipeline.distributed import shutdown_distributed
 from pipeline.sharding import run_sharded
 from pipeline.latents import encode_latents
 
+log = logging.getLogger("pipeline.stages.encode")
+
 
 def main() -> None:
+    setup_logging()
     params = load_params()
     p = params.paths
     try:
@@ -21,7 +27,7 @@ def main() -> None:
         return
     shapes = ", ".join(f"{s}: z{r['z']} zf{r['zf']}" for s, r in reports[0]["splits"].items())
     seconds = max(r["seconds"] for r in reports)
-    print(f"encode: {shapes} in {seconds}s on {reports[0]['device']}, {len(reports)} rank(s) -> {p.latents}")
+    log.info(f"encode: {shapes} in {seconds}s on {reports[0]['device']}, {len(reports)} rank(s) -> {p.latents}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ import logging
 from pipeline.config import load_params
 from pipeline.distributed import shutdown_distributed
 from pipeline.flow.compute import compute_flow, flow_report, merge_flow_reports, photometric_quality, save_figure
-from pipeline.io import atomic_path, resolve_device, write_json
+from pipeline.io import atomic_path, resolve_device, setup_logging, write_json
 from pipeline.pretrained import hub_dir, weights_dir
 from pipeline.sharding import run_sharded
 
+log = logging.getLogger("pipeline.stages.flow")
+
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     params = load_params()
     try:
         with hub_dir(weights_dir(params.paths.pretrained, "flow")):  # RAFT weights from the pretrained stage
@@ -41,8 +43,9 @@ def main() -> None:
         if photo["advect_psnr"] is not None:
             quality += f", advect PSNR {photo['advect_psnr']:.2f} dB"
     fallback = f" (FALLBACK from {metrics['backend']}: {metrics['fallback_reason']})" if metrics["fallback_reason"] else ""
-    print(f"flow: {metrics['backend_used']}{fallback} on {metrics['device']}, {metrics['pairs']} pairs, "
-          f"{report['run']['pairs_per_s']:.1f} pairs/s{quality}, {report['run']['ranks']} rank(s) -> {params.paths.flow}")
+    run = report["run"]
+    log.info(f"flow: {metrics['backend_used']}{fallback} on {metrics['device']}, {metrics['pairs']} pairs, "
+             f"{run['pairs_per_s']:.1f} pairs/s{quality}, {run['ranks']} rank(s) -> {params.paths.flow}")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ why anything is missing; flow, train_temporal and evaluate load from theirs (pip
 import logging
 
 from pipeline.config import load_params
+from pipeline.io import setup_logging
 from pipeline.pretrained import provide, requested_weights
 
 log = logging.getLogger("pipeline.stages.pretrained")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     params = load_params()
     requests = requested_weights(flow_backend=params.flow.backend, cpu_raft=params.flow.cpu_raft,
                                  lpips_net=params.eval.lpips_net, arch=params.model.arch, encoder=params.model.encoder)
@@ -23,8 +24,8 @@ def main() -> None:
         for w in manifest["weights"]:
             state = "available" if w["available"] else f"MISSING ({w['reason']})"
             log.info("%s: %s %s", consumer, w["file"], state)
-    print(f"pretrained: {len(run['fetched'])} fetched, {len(run['from_cache'])} from the torch hub cache, "
-          f"{len(run['missing'])} missing -> {params.paths.pretrained}")
+    log.info(f"pretrained: {len(run['fetched'])} fetched, {len(run['from_cache'])} from the torch hub cache, "
+             f"{len(run['missing'])} missing -> {params.paths.pretrained}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ clips hold `model.context + train.rollout` frames; `rollout` and `ttt_loss` use 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +39,18 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def window_indices(target: int, context: int) -> list[int]:
-    """Frame indices of the `context` frames before `target`, the first one repeated when too few."""
-    return [max(0, target - context + i) for i in range(context)]
+def unroll(step: Callable[..., dict], windows: list[Tensor], feeds: list[str], steps: int) -> dict[str, Tensor]:
+    """Call `step(*windows)` `steps` times, sliding each window [B,c,...] on by the step's output named in `feeds`.
+
+    The rollout loop of the latent archs: each prediction is fed back as the newest frame of its window.
+    Returns every output of `step`, stacked on dim 1: [B,steps,...].
+    """
+    outs = []
+    for _ in range(steps):
+        o = step(*windows)
+        outs.append(o)
+        windows = [torch.cat([w[:, 1:], o[key][:, None]], dim=1) for w, key in zip(windows, feeds)]
+    return {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}
 
 
 def ttt_targets(num_frames: int, context: int) -> list[int]:
@@ -153,16 +162,6 @@ class TemporalModel(nn.Module):
         if kind not in ("warp", "full"):
             raise ValueError(f"ttt loss must be 'warp' or 'full', got {kind!r}")
 
-    @staticmethod
-    def _stack_windows(seq: Tensor, targets: list[int], context: int) -> Tensor:
-        """seq [B,T,...] -> windows [n*B,context,...] before each target (targets major)."""
-        return torch.cat([seq[:, window_indices(j, context)] for j in targets], dim=0)
-
-    @staticmethod
-    def _stack_frames(seq: Tensor, index: list[int]) -> Tensor:
-        """seq [B,T,...] -> [n*B,...] of the given frames (same order as _stack_windows)."""
-        return torch.cat([seq[:, j] for j in index], dim=0)
-
 
 class LatentIO:
     """Mixin for latent archs: latents from the batch or the frozen VAE; frames from latents."""
@@ -196,6 +195,14 @@ class LatentIO:
         if self.model_cfg.decode == "delta":
             frames = frames + (x_last - self.vae.decode(z_last))[:, None]
         return frames.clamp(0.0, 1.0)
+
+    def _rollout_latents(self, batch: Mapping[str, Tensor], horizon: int) -> dict[str, Tensor]:
+        """The latent archs' rollout: `step` fed back from the last `context` latents, decoded to frames."""
+        self._check_rollout(batch, horizon)
+        z_ctx = self._latents(batch, last=self.context)  # [B,c,C,h,w]
+        out = unroll(self.step, [z_ctx], ["z"], horizon)
+        out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
+        return out
 
     def _decode(self, z: Tensor) -> Tensor:
         """Latents [*,C,h,w] -> frames [*,3,H,W] through the frozen VAE decoder."""

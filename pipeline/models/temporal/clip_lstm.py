@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pipeline.flow.ops import resize_flow, warp
 from pipeline.losses import flow_epe, l1
+from pipeline.clips import stack_frames, stack_windows
 from pipeline.models.heads import CollisionHead, ConvLSTMCell, ResBlock, StateHead, group_norm, zero_init_
 from pipeline.models.temporal.base import TemporalModel, ttt_targets
 from pipeline.pretrained import hub_path, torchvision_weights
@@ -229,10 +230,10 @@ class ClipLSTM(TemporalModel):
         T = self._require(batch, ["frames"], min_frames=2)
         frames, c = batch["frames"], self.context
         targets = ttt_targets(T, c)
-        windows = self._stack_windows(frames, targets, c)  # [n*B,c,3,H,W]
+        windows = stack_windows(frames, targets, c)  # [n*B,c,3,H,W]
         out = self._run(windows, 1)  # predictions of window frames 1..c; the last is the target
         key = "warped" if kind == "warp" else "frame"
-        return l1(out[key][:, -1], self._stack_frames(frames, targets))
+        return l1(out[key][:, -1], stack_frames(frames, targets))
 
 
 __all__ = ["ClipLSTM", "build_encoder", "CNNEncoder", "ResNetEncoder", "ViTEncoder"]

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from pipeline.flow.ops import warp
 from pipeline.losses import flow_epe, l1
 from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, unet_depth, zero_init_
-from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets, window_indices
+from pipeline.clips import stack_frames, stack_windows, window_indices
+from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets, unroll
 
 
 class DualVAE(LatentIO, TemporalModel):
@@ -82,19 +83,10 @@ class DualVAE(LatentIO, TemporalModel):
             out["boxes"] = self.state_head(feats)
         return out
 
-    def _unroll(self, z_win: Tensor, zf_win: Tensor, steps: int) -> dict[str, Tensor]:
-        outs = []
-        for _ in range(steps):
-            o = self.step(z_win, zf_win)
-            outs.append(o)
-            z_win = torch.cat([z_win[:, 1:], o["z"][:, None]], dim=1)
-            zf_win = torch.cat([zf_win[:, 1:], o["zf"][:, None]], dim=1)
-        return {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}
-
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Training clip [B,c+R,...] -> z [B,R,C,h,w] and zf [B,R,Cf,h,w] for frames c..c+R-1, fed back."""
         R, c = self._rollout_len(batch), self.context
-        return self._unroll(self._latents(batch)[:, :c], self._motion_latents(batch)[:, :c - 1], R)
+        return unroll(self.step, [self._latents(batch)[:, :c], self._motion_latents(batch)[:, :c - 1]], ["z", "zf"], R)
 
     def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """latent + motion_latent L1, appearance (decoded frame) L1, motion (decoded flow) EPE, collision (+ state)."""
@@ -117,7 +109,7 @@ class DualVAE(LatentIO, TemporalModel):
         self._check_rollout(batch, horizon)
         c = self.context
         z_ctx = self._latents(batch, last=c)  # [B,c,C,h,w]
-        out = self._unroll(z_ctx, self._motion_latents(batch, last=c - 1), horizon)
+        out = unroll(self.step, [z_ctx, self._motion_latents(batch, last=c - 1)], ["z", "zf"], horizon)
         out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
         return out
 
@@ -133,10 +125,10 @@ class DualVAE(LatentIO, TemporalModel):
         z, zf = self._latents(batch), self._motion_latents(batch)  # [B,T,...], [B,T-1,...]
         # motion window before target j: flows into frames j-c+1..j-1, i.e. zf[j-c..j-2] (first repeated)
         zf_win = torch.cat([zf[:, [max(0, i - 1) for i in window_indices(j, c)[1:]]] for j in targets], dim=0)
-        window = self._stack_windows(z, targets, c)  # [n*B,c,C,h,w]
+        window = stack_windows(z, targets, c)  # [n*B,c,C,h,w]
         o = self.step(window, zf_win)
-        truth = self._stack_frames(frames, targets)
-        previous = self._stack_frames(frames, [j - 1 for j in targets])
+        truth = stack_frames(frames, targets)
+        previous = stack_frames(frames, [j - 1 for j in targets])
         if kind == "warp":
             pred = warp(previous, self.flow_vae.decode(o["zf"]))
         else:

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from pipeline.losses import l1
 from pipeline.models.heads import CollisionHead, StateHead, zero_init_
-from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets
+from pipeline.clips import stack_frames, stack_windows
+from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets, unroll
 
 LAYERS, HEADS = 3, 4
 
@@ -78,24 +79,15 @@ class LatentTransformer(LatentIO, TemporalModel):
         tokens = self.norm(self.blocks(tokens.reshape(B, c * n, -1)))[:, -n:]  # [B,n,D] latest frame
         z = window[:, -1] + self._unpatchify(self.out(tokens))  # [B,C,h,w]
         feats = tokens.transpose(1, 2).reshape(B, -1, *self.grid)  # [B,D,gh,gw]
-        out = {"z": z, "feats": feats, "collision": self.collision_head(feats)}
+        out = {"z": z, "z_prev": window[:, -1], "feats": feats, "collision": self.collision_head(feats)}
         if self.state_head is not None:
             out["boxes"] = self.state_head(feats)  # [B,K,4]
         return out
 
-    def _unroll(self, window: Tensor, steps: int) -> dict[str, Tensor]:
-        outs = []
-        for _ in range(steps):
-            o = self.step(window)
-            o["z_prev"] = window[:, -1]
-            outs.append(o)
-            window = torch.cat([window[:, 1:], o["z"][:, None]], dim=1)
-        return {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}
-
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Training clip [B,c+R,...] -> predicted latents z [B,R,C,h,w] of frames c..c+R-1, fed back."""
         R = self._rollout_len(batch)
-        return self._unroll(self._latents(batch)[:, :self.context], R)
+        return unroll(self.step, [self._latents(batch)[:, :self.context]], ["z"], R)
 
     def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """latent L1 + collision focal (+ state L1)."""
@@ -107,11 +99,8 @@ class LatentTransformer(LatentIO, TemporalModel):
 
     def rollout(self, batch: Mapping[str, Tensor], horizon: int) -> dict[str, Tensor]:
         """From the last `context` frames of the batch, predict `horizon` frames [B,horizon,3,H,W] in [0,1]."""
-        self._check_rollout(batch, horizon)
-        z_ctx = self._latents(batch, last=self.context)  # [B,c,C,h,w]
-        out = self._unroll(z_ctx, horizon)
+        out = self._rollout_latents(batch, horizon)
         out.pop("feats")
-        out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
         return out
 
     def ttt_loss(self, batch: Mapping[str, Tensor], kind: str) -> Tensor:
@@ -121,11 +110,11 @@ class LatentTransformer(LatentIO, TemporalModel):
             raise ValueError(f"{self.arch} has no flow head, so ttt loss 'warp' is undefined; use ttt.loss=full")
         T = self._require(batch, ["frames"], min_frames=2)
         targets = ttt_targets(T, self.context)
-        window = self._stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
+        window = stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
         o = self.step(window)
-        previous = self._stack_frames(batch["frames"], [j - 1 for j in targets])
+        previous = stack_frames(batch["frames"], [j - 1 for j in targets])
         pred = self._to_frames(o["z"][:, None], previous, window[:, -1])[:, 0]
-        return l1(pred, self._stack_frames(batch["frames"], targets))
+        return l1(pred, stack_frames(batch["frames"], targets))
 
 
 __all__ = ["LatentTransformer"]

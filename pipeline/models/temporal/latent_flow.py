@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from pipeline.flow.ops import resize_flow, warp
 from pipeline.losses import flow_epe, l1
+from pipeline.clips import stack_frames, stack_windows
 from pipeline.models.heads import ResBlock, zero_init_
 from pipeline.models.temporal.base import ttt_targets
 from pipeline.models.temporal.latent import LatentTransformer
@@ -62,11 +63,11 @@ class LatentFlow(LatentTransformer):
             return super().ttt_loss(batch, kind)
         T = self._require(batch, ["frames"], min_frames=2)
         frames, targets = batch["frames"], ttt_targets(T, self.context)
-        window = self._stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
+        window = stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
         o = self.step(window)
         flow = resize_flow(self.predict_flow(window[:, -1], o["z"]), self.frame_size)  # [n*B,2,H,W]
-        pred = warp(self._stack_frames(frames, [j - 1 for j in targets]), flow)
-        return l1(pred, self._stack_frames(frames, targets))
+        pred = warp(stack_frames(frames, [j - 1 for j in targets]), flow)
+        return l1(pred, stack_frames(frames, targets))
 
 
 __all__ = ["LatentFlow"]

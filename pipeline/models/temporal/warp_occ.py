@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from pipeline.flow.ops import resize_flow, warp
 from pipeline.losses import flow_epe, l1, occlusion_bce
 from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, unet_depth, zero_init_
-from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets
+from pipeline.clips import stack_frames, stack_windows
+from pipeline.models.temporal.base import LatentIO, TemporalModel, freeze, ttt_targets, unroll
 
 MASK_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982: the mask starts (almost) fully visible
 
@@ -64,20 +65,11 @@ class WarpOcc(LatentIO, TemporalModel):
             out["boxes"] = self.state_head(feats)  # [B,K,4]
         return out
 
-    def _unroll(self, window: Tensor, steps: int) -> dict[str, Tensor]:
-        """Predict `steps` latents, feeding each prediction back; outputs stacked on dim 1."""
-        outs = []
-        for _ in range(steps):
-            o = self.step(window)
-            outs.append(o)
-            window = torch.cat([window[:, 1:], o["z"][:, None]], dim=1)
-        return {k: torch.stack([o[k] for o in outs], dim=1) for k in outs[0]}
-
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Training clip [B,c+R,...] -> predictions of frames c..c+R-1 (each [B,R,...]), fed back."""
         R = self._rollout_len(batch)
         z = self._latents(batch)  # [B,L,C,h,w]
-        return self._unroll(z[:, :self.context], R)
+        return unroll(self.step, [z[:, :self.context]], ["z"], R)
 
     def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """latent L1, flow EPE, occlusion BCE, decode(warped) L1, residual L1, collision focal (+ state)."""
@@ -103,11 +95,7 @@ class WarpOcc(LatentIO, TemporalModel):
 
     def rollout(self, batch: Mapping[str, Tensor], horizon: int) -> dict[str, Tensor]:
         """From the last `context` frames of the batch, predict `horizon` frames [B,horizon,3,H,W] in [0,1]."""
-        self._check_rollout(batch, horizon)
-        z_ctx = self._latents(batch, last=self.context)  # [B,c,C,h,w]
-        out = self._unroll(z_ctx, horizon)
-        out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
-        return out
+        return self._rollout_latents(batch, horizon)
 
     def _ttt_flow_head(self) -> nn.Module:
         return self.flow_head
@@ -118,10 +106,10 @@ class WarpOcc(LatentIO, TemporalModel):
         T = self._require(batch, ["frames"], min_frames=2)
         frames = batch["frames"]
         targets = ttt_targets(T, self.context)
-        window = self._stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
+        window = stack_windows(self._latents(batch), targets, self.context)  # [n*B,c,C,h,w]
         o = self.step(window)
-        truth = self._stack_frames(frames, targets)  # [n*B,3,H,W]
-        previous = self._stack_frames(frames, [j - 1 for j in targets])
+        truth = stack_frames(frames, targets)  # [n*B,3,H,W]
+        previous = stack_frames(frames, [j - 1 for j in targets])
         if kind == "warp":
             pred = warp(previous, resize_flow(o["flow"], self.frame_size))  # flow [n*B,2,H,W] in pixels
         else:

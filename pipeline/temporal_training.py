@@ -7,6 +7,7 @@ prediction on the validation split against copy-last-frame, for the stage report
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.checkpoint import load_model, unwrap
+from pipeline.clips import clip_slice
 from pipeline.config import Params, to_dict
 from pipeline.data.datasets import ClipDataset
 from pipeline.distributed import is_main_process
@@ -28,23 +30,12 @@ from pipeline.models.vae import build_vae
 from pipeline.pretrained import hub_dir, weights_dir
 from pipeline.training import TrainConfig, seed_everything, train, to_device
 
-CONTEXT_KEYS = ("frames", "z", "zf", "flow_bwd", "flow_fwd", "occ")
-
+LOG = logging.getLogger(__name__)
 
 def temporal_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The training loss_fn: forward through the (possibly DDP-wrapped) model, then its own loss terms."""
     out = model(batch)
     return unwrap(model).loss(batch, out)
-
-
-def context_batch(batch: Mapping[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
-    """Frames start..stop-1 of a clip batch (and the flow / latents between them): all a rollout may see."""
-    out = {}
-    for key in CONTEXT_KEYS:
-        if key in batch:
-            pairs = key in ("zf", "flow_bwd", "flow_fwd", "occ")
-            out[key] = batch[key][:, start:stop - 1] if pairs else batch[key][:, start:stop]
-    return out
 
 
 def _num_boxes(frames_h5: str | Path, split: str) -> int:
@@ -83,7 +74,7 @@ def evaluate_psnr(model: nn.Module, dataset: ClipDataset, *, context: int, horiz
     for clip in loader:
         clip = to_device(clip, device)
         truth = clip["frames"][:, context:context + horizon]  # [B,Hz,3,H,W]
-        pred = model.rollout(context_batch(clip, 0, context), horizon)["frames"]  # [B,Hz,3,H,W]
+        pred = model.rollout(clip_slice(clip, 0, context, observed=True), horizon)["frames"]  # [B,Hz,3,H,W]
         copy = clip["frames"][:, context - 1:context].expand_as(truth)
         sums_model += psnr(pred, truth).double().sum(0).cpu()
         sums_copy += psnr(copy, truth).double().sum(0).cpu()
@@ -118,7 +109,7 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
                          log_every=t.log_every)
     encoder = getattr(model, "encoder_info", None)
     if encoder is not None and encoder["used"] != encoder["requested"]:
-        print(f"[train_temporal] WARNING: {encoder['reason']}", flush=True)
+        LOG.warning(encoder["reason"])
     t0 = time.perf_counter()
     inputs = [p.paths.frames, p.paths.flow] + ([p.paths.latents, p.paths.vae] if want_vae else []) + (
         [p.paths.flow_vae] if want_flow_vae else [])
