@@ -1,4 +1,10 @@
-"""Typed, validated params: one frozen dataclass per params.yaml section."""
+"""Typed, validated params: one frozen dataclass per params.yaml section.
+
+params.yaml is the one source of every default: the dataclasses have none, and a key missing from the
+file is an error naming it. Longer than 400 lines on purpose: each section's fields sit next to the checks
+that make its values valid, and splitting the sections apart would separate the cross-section checks in
+`Params` from what they check.
+"""
 from __future__ import annotations
 
 import dataclasses

@@ -109,6 +109,101 @@ class _Clock:
         return result
 
 
+@dataclass
+class _Run:
+    """One inference run's fixed pieces: what each pass of `run_inference` needs."""
+
+    model: nn.Module
+    vae: nn.Module | None
+    adapter: TTTAdapter | None
+    writer: PredictionWriter
+    clock: _Clock
+    context: int
+    horizon: int
+    model_context: int
+    ttt_rows: list
+
+    def rollouts(self, observed: dict[str, Tensor], rows: slice) -> None:
+        """The model's and the baselines' rollouts from the observed context only."""
+        C, Hz, mc = self.context, self.horizon, self.model_context
+        with torch.no_grad():
+            pred = self.clock("model", lambda: rollout_model(self.model, observed, model_context=mc, horizon=Hz))
+            self.writer.frames("model", "rollout", rows, pred["frames"])
+            self.writer.logits("model", "collision", rows, pred["collision"])
+            for name, predictor in PREDICTORS.items():
+                frames = self.clock(name, lambda: predictor(clip_slice(observed, C - BASELINE_HISTORY, C), Hz))
+                self.writer.frames(name, "rollout", rows, frames)
+
+    def adapted(self, observed: dict[str, Tensor], batch: dict[str, Tensor] | None, rows: slice) -> None:
+        """Per video: adapt on its context (TTT), roll out (and 1-step from batch's real history), restore."""
+        rollouts, logits, step1 = [], [], []
+        horizon_frames = list(range(self.context, self.context + self.horizon))
+        for b in range(observed["frames"].shape[0]):
+            one = {k: v[b:b + 1] for k, v in observed.items()}
+            with self.adapter.adapted(one) as stats:
+                with torch.no_grad():
+                    out = rollout_model(self.model, one, model_context=self.model_context, horizon=self.horizon)
+                    if batch is not None:
+                        video = {k: v[b:b + 1] for k, v in batch.items()}
+                        step1.append(_teacher_forced(_model_step(self.model, "frames"), video, horizon_frames,
+                                                     self.model_context))
+            rollouts.append(out["frames"])
+            logits.append(out["collision"])
+            self.ttt_rows.append((stats.loss_before, stats.loss_after, stats.best_step, stats.steps, stats.diverged,
+                                  stats.grad_norm, stats.seconds))
+        self.writer.frames("model_ttt", "rollout", rows, torch.cat(rollouts))
+        self.writer.logits("model_ttt", "collision", rows, torch.cat(logits))
+        if batch is not None:
+            self.writer.frames("model_ttt", "step1", rows, torch.cat(step1))
+
+    @torch.no_grad()
+    def teacher_forced(self, batch: dict[str, Tensor], rows: slice) -> None:
+        """Every frame from the real frames before it: horizon step1 for every method, collisions, vae_recon."""
+        C, Hz, mc = self.context, self.horizon, self.model_context
+        B, T, _, H, W = batch["frames"].shape
+        every = list(range(mc, T))  # every frame with a full real history
+        out = self.clock("model_teacher", lambda: self.model.rollout(history_windows(batch, every, mc), 1))
+        frames = out["frames"][:, 0].reshape(len(every), B, 3, H, W).transpose(0, 1)
+        self.writer.frames("model", "step1", rows, frames[:, C - mc:C - mc + Hz])
+        self.writer.logits("model", "collision_teacher", rows,
+                           out["collision"][:, 0].reshape(len(every), B).transpose(0, 1))
+        for name, predictor in PREDICTORS.items():
+            self.writer.frames(name, "step1", rows,
+                               _teacher_forced(predictor, batch, list(range(C, C + Hz)), BASELINE_HISTORY))
+        if self.vae is not None:
+            recon = vae_reconstruction(self.vae, batch["frames"][:, C:C + Hz])
+            self.writer.frames("vae_recon", "rollout", rows, recon)
+            self.writer.frames("vae_recon", "step1", rows, recon)
+
+
+def _check_dataset(dataset, settings: InferenceSettings, model_context: int) -> tuple[int, int, int, int]:
+    """(videos, frames, H, W) of a dataset of whole videos, after checking it fits the settings."""
+    C, Hz, mc = settings.context, settings.horizon, model_context
+    if not 1 <= mc <= C:
+        raise ValueError(f"model context {mc} must be in [1, eval.context={C}]")
+    if C < BASELINE_HISTORY:
+        raise ValueError(f"eval.context must be >= {BASELINE_HISTORY} (the flow baselines need a context flow), "
+                         f"got {C}")
+    if len(dataset) == 0:
+        raise ValueError(f"the {settings.split} split has no videos")
+    first = dataset[0]
+    T, _, H, W = first["frames"].shape
+    if T < C + Hz:
+        raise ValueError(f"videos have {T} frames, need eval.context + eval.horizon = {C + Hz}")
+    if "flow_bwd" not in first:
+        raise ValueError("dataset clips lack flow_bwd: build the ClipDataset with flow_h5 (flow baselines)")
+    return len(dataset), T, H, W
+
+
+def _adapter(model: nn.Module, settings: InferenceSettings) -> tuple[TTTAdapter | None, str | None]:
+    """The TTT adapter the settings ask for, or None and why not."""
+    if not settings.ttt_enabled:
+        return None, "ttt.enabled is false"
+    adapter = TTTAdapter(model, steps=settings.ttt_steps, lr=settings.ttt_lr, params=settings.ttt_params,
+                         loss=settings.ttt_loss, grad_clip=settings.ttt_grad_clip)
+    return (adapter, None) if adapter.supported else (None, adapter.reason)
+
+
 def run_inference(*, model: nn.Module, vae: nn.Module | None, dataset, out_path: str | Path,
                   settings: InferenceSettings, device: torch.device | str = "cpu", arch: str = "",
                   model_context: int, flow_backend: str = "", teacher_forced: bool = True,
@@ -122,115 +217,48 @@ def run_inference(*, model: nn.Module, vae: nn.Module | None, dataset, out_path:
     """
     device = torch.device(device)
     C, Hz, mc = settings.context, settings.horizon, int(model_context)
-    if not 1 <= mc <= C:
-        raise ValueError(f"model context {mc} must be in [1, eval.context={C}]")
-    if C < BASELINE_HISTORY:
-        raise ValueError(f"eval.context must be >= {BASELINE_HISTORY} (the flow baselines need a context flow), "
-                         f"got {C}")
-    N = len(dataset)
-    if N == 0:
-        raise ValueError(f"the {settings.split} split has no videos")
-    first = dataset[0]
-    T, _, H, W = first["frames"].shape
-    if T < C + Hz:
-        raise ValueError(f"videos have {T} frames, need eval.context + eval.horizon = {C + Hz}")
-    if "flow_bwd" not in first:
-        raise ValueError("dataset clips lack flow_bwd: build the ClipDataset with flow_h5 (flow baselines)")
+    N, T, H, W = _check_dataset(dataset, settings, mc)
     model = model.to(device).eval()
-    vae = vae.to(device).eval() if vae is not None else None
-
-    trainer, ttt_reason = None, None
-    if not settings.ttt_enabled:
-        ttt_reason = "ttt.enabled is false"
-    else:
-        trainer = TTTAdapter(model, steps=settings.ttt_steps, lr=settings.ttt_lr, params=settings.ttt_params,
-                                  loss=settings.ttt_loss, grad_clip=settings.ttt_grad_clip)
-        if not trainer.supported:
-            trainer, ttt_reason = None, trainer.reason
+    vae = vae.to(device).eval() if vae is not None and teacher_forced else None
+    adapter, ttt_reason = _adapter(model, settings)
     if ttt_reason:
         log(f"infer: TTT skipped: {ttt_reason}")
-    methods = ["model"] + (["model_ttt"] if trainer is not None else []) + list(PREDICTORS)
-    if teacher_forced and vae is not None:
-        methods.append("vae_recon")
-    horizon_frames = list(range(C, C + Hz))
-    clock, ttt_rows = _Clock(device), []
+    methods = ["model"] + (["model_ttt"] if adapter is not None else []) + list(PREDICTORS) + (
+        ["vae_recon"] if vae is not None else [])
     loader = DataLoader(dataset, batch_size=settings.batch, shuffle=False, num_workers=0)
-
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
-        writer = PredictionWriter(f, methods=methods, videos=N, horizon=Hz, frame_shape=(H, W),
-                                  teacher_frames=T - mc, teacher_forced=teacher_forced)
+        run = _Run(model=model, vae=vae, adapter=adapter, clock=_Clock(device), context=C, horizon=Hz,
+                   model_context=mc, ttt_rows=[],
+                   writer=PredictionWriter(f, methods=methods, videos=N, horizon=Hz, frame_shape=(H, W),
+                                           teacher_frames=T - mc, teacher_forced=teacher_forced))
         start = 0
-        bar = tqdm(total=N, desc=f"infer {settings.split}", disable=None, leave=False)  # a bar on a terminal only
-        for batch in loader:
-            B = batch["frames"].shape[0]
-            rows = slice(start, start + B)
-            writer.video_index[rows] = batch["video_index"].numpy()
+        for batch in tqdm(loader, desc=f"infer {settings.split}", disable=None, leave=False):  # a bar on a terminal
+            rows = slice(start, start + batch["frames"].shape[0])
+            run.writer.video_index[rows] = batch["video_index"].numpy()
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             observed = clip_slice(batch, 0, C, observed=True)  # all a rollout or TTT may read
-
-            with torch.no_grad():
-                pred = clock("model", lambda: rollout_model(model, observed, model_context=mc, horizon=Hz))
-                writer.frames("model", "rollout", rows, pred["frames"])
-                writer.logits("model", "collision", rows, pred["collision"])
-                for name, predictor in PREDICTORS.items():
-                    frames = clock(name, lambda: predictor(clip_slice(observed, C - BASELINE_HISTORY, C), Hz))
-                    writer.frames(name, "rollout", rows, frames)
-
-            if trainer is not None:
-                rollouts, logits, step1 = [], [], []
-                for b in range(B):  # TTT adapts per video, then the trained weights come back
-                    one = {k: v[b:b + 1] for k, v in observed.items()}
-                    with trainer.adapted(one) as stats:
-                        with torch.no_grad():
-                            out = rollout_model(model, one, model_context=mc, horizon=Hz)
-                            if teacher_forced:
-                                video = {k: v[b:b + 1] for k, v in batch.items()}
-                                step1.append(_teacher_forced(_model_step(model, "frames"), video, horizon_frames, mc))
-                    rollouts.append(out["frames"])
-                    logits.append(out["collision"])
-                    ttt_rows.append((stats.loss_before, stats.loss_after, stats.best_step, stats.steps,
-                                     stats.diverged, stats.grad_norm, stats.seconds))
-                writer.frames("model_ttt", "rollout", rows, torch.cat(rollouts))
-                writer.logits("model_ttt", "collision", rows, torch.cat(logits))
-                if teacher_forced:
-                    writer.frames("model_ttt", "step1", rows, torch.cat(step1))
-
+            run.rollouts(observed, rows)
+            if adapter is not None:
+                run.adapted(observed, batch if teacher_forced else None, rows)
             if teacher_forced:
-                with torch.no_grad():
-                    every = list(range(mc, T))  # every frame with a full real history
-                    window = history_windows(batch, every, mc)
-                    out = clock("model_teacher", lambda: model.rollout(window, 1))
-                    frames = out["frames"][:, 0].reshape(len(every), B, 3, H, W).transpose(0, 1)
-                    writer.frames("model", "step1", rows, frames[:, C - mc:C - mc + Hz])
-                    writer.logits("model", "collision_teacher", rows,
-                                  out["collision"][:, 0].reshape(len(every), B).transpose(0, 1))
-                    for name, predictor in PREDICTORS.items():
-                        writer.frames(name, "step1", rows,
-                                      _teacher_forced(predictor, batch, horizon_frames, BASELINE_HISTORY))
-                    if vae is not None:
-                        recon = vae_reconstruction(vae, batch["frames"][:, C:C + Hz])
-                        writer.frames("vae_recon", "rollout", rows, recon)
-                        writer.frames("vae_recon", "step1", rows, recon)
-            start += B
-            LOG.debug("infer: %d/%d %s videos", start, N, settings.split)
-            bar.update(B)
-
-        bar.close()
-        ttt_info = _ttt_summary(settings, trainer, ttt_reason, ttt_rows)
-        if ttt_rows:
-            before, after, best, steps, diverged, grad_norm, _ = (np.array(c) for c in zip(*ttt_rows))
-            writer.ttt_stats({"ttt_loss_before": before.astype(np.float32), "ttt_loss_after": after.astype(np.float32),
-                              "ttt_best_step": best.astype(np.int32), "ttt_steps": steps.astype(np.int32),
-                              "ttt_diverged": diverged.astype(np.uint8), "ttt_grad_norm": grad_norm.astype(np.float32)})
+                run.teacher_forced(batch, rows)
+            start = rows.stop
+        ttt_info = _ttt_summary(settings, adapter, ttt_reason, run.ttt_rows)
+        if run.ttt_rows:
+            before, after, best, steps, diverged, grad_norm, _ = (np.array(c) for c in zip(*run.ttt_rows))
+            run.writer.ttt_stats({"ttt_loss_before": before.astype(np.float32),
+                                  "ttt_loss_after": after.astype(np.float32), "ttt_best_step": best.astype(np.int32),
+                                  "ttt_steps": steps.astype(np.int32), "ttt_diverged": diverged.astype(np.uint8),
+                                  "ttt_grad_norm": grad_norm.astype(np.float32)})
         if ttt_info.get("warning"):
             log(f"infer: WARNING: {ttt_info['warning']}")
-        writer.finish(split=settings.split, context=C, horizon=Hz, frames=T, model_context=mc,
-                      first_predicted_frame=C, arch=arch, flow_backend=flow_backend, methods=methods, ttt=ttt_info,
-                      settings=asdict(settings), teacher_forced=teacher_forced)
-    fps = {m: N * Hz / s for m, s in clock.seconds.items() if s > 0}
-    if ttt_rows:
-        adapt = sum(r[-1] for r in ttt_rows)
-        fps["model_ttt"] = N * Hz / (adapt + clock.seconds.get("model", 0.0))
+        run.writer.finish(split=settings.split, context=C, horizon=Hz, frames=T, model_context=mc,
+                          first_predicted_frame=C, arch=arch, flow_backend=flow_backend, methods=methods,
+                          ttt=ttt_info, settings=asdict(settings), teacher_forced=teacher_forced)
+    seconds = run.clock.seconds
+    fps = {m: N * Hz / s for m, s in seconds.items() if s > 0}
+    if run.ttt_rows:
+        fps["model_ttt"] = N * Hz / (sum(r[-1] for r in run.ttt_rows) + seconds.get("model", 0.0))
     return {"methods": methods, "ttt": ttt_info, "frames_per_second": fps, "videos": N}
 
 

@@ -41,14 +41,11 @@ holds exactly what the manifests list as available.
 """
 from __future__ import annotations
 
-import logging
 import contextlib
-import http.client
+import logging
 import json
 import os
 import shutil
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,6 +56,7 @@ from urllib.parse import urlparse
 
 import torch.hub
 
+from pipeline.fetch import DownloadError, fetch, one_line
 from pipeline.io import atomic_path, file_digest, write_json
 
 LOG = logging.getLogger(__name__)
@@ -71,11 +69,6 @@ __all__ = [
 CONSUMERS = ("flow", "lpips", "encoder")  # a manifest is always written for each of these
 MANIFEST = "manifest.json"
 MIRROR_SCHEMES = ("http", "https", "file")
-_NETWORK_LOCK = threading.Lock()  # the socket default timeout and urllib's opener are process-wide
-
-
-class DownloadError(RuntimeError):
-    """A weights file that could not be fetched (network failure after the retries, or a refused hash)."""
 
 
 @dataclass(frozen=True)
@@ -204,123 +197,6 @@ def available(out_dir: str | Path, consumer: str, file: str) -> Path | None:
     return path if path.is_file() else None
 
 
-# ----------------------------------------------------------------------------- bounded, complete downloads
-
-class _CompleteBody:
-    """A urllib response whose read() raises http.client.IncompleteRead when the body ends short of its
-    Content-Length (http.client only signals such a cut as a silent end of data)."""
-
-    def __init__(self, response: Any):
-        self._response = response
-        length = response.headers.get("Content-Length")
-        self._expected = int(length) if length is not None and length.strip().isdigit() else None
-        self._received = 0
-
-    def read(self, amt: int | None = None) -> bytes:
-        data = self._response.read() if amt is None else self._response.read(amt)
-        self._received += len(data)
-        ended = amt is None or (amt > 0 and not data)
-        if ended and self._expected is not None and self._received < self._expected:
-            raise http.client.IncompleteRead(b"", self._expected - self._received)
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._response, name)
-
-    def __enter__(self) -> "_CompleteBody":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._response.close()
-
-
-class _BoundedComplete(urllib.request.BaseHandler):
-    """urllib handler: every HTTP(S) request waits at most `timeout` per socket operation, and its final
-    response refuses a short body."""
-
-    handler_order = 1100  # after HTTPErrorProcessor (1000): only the final, successful response is wrapped
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-
-    def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
-        req.timeout = self.timeout
-        return req
-
-    def http_response(self, req: urllib.request.Request, response: Any) -> Any:
-        return response if isinstance(response, _CompleteBody) else _CompleteBody(response)
-
-    https_request = http_request
-    https_response = http_response
-
-
-@contextlib.contextmanager
-def _bounded_network(timeout: float) -> Iterator[None]:
-    """For the block: socket default timeout `timeout` and a urllib opener with `_BoundedComplete`; both restored."""
-    with _NETWORK_LOCK:
-        old_timeout = socket.getdefaulttimeout()
-        old_opener = getattr(urllib.request, "_opener", None)  # what urlopen() uses; None -> its default
-        socket.setdefaulttimeout(timeout)
-        urllib.request.install_opener(urllib.request.build_opener(_BoundedComplete(timeout)))
-        try:
-            yield
-        finally:
-            urllib.request.install_opener(old_opener)
-            socket.setdefaulttimeout(old_timeout)
-
-
-def _one_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}" if not isinstance(err, urllib.error.URLError) else repr(err)
-    return " ".join(text.split())
-
-
-def _retryable(err: BaseException) -> bool:
-    if isinstance(err, urllib.error.HTTPError):  # the server answered: only its transient answers are retried
-        return err.code in (408, 425, 429) or err.code >= 500
-    if isinstance(err, urllib.error.URLError) and isinstance(err.reason, (FileNotFoundError, PermissionError,
-                                                                         IsADirectoryError)):
-        return False  # a file:// mirror without the file
-    return isinstance(err, (OSError, http.client.HTTPException))  # URLError, timeouts, resets, cut bodies
-
-
-def fetch(url: str, dst: str | Path, *, hash_prefix: str | None, connect_timeout: float = 10.0,
-             retries: int = 2, retry_wait: float = 1.0, progress: bool = True,
-             log: Callable[[str], Any] = LOG.info) -> None:
-    """Fetch `url` to `dst` with torch.hub.download_url_to_file: bounded waits, cut transfers retried,
-    a sha256 that does not start with `hash_prefix` refused at once; raises DownloadError naming both."""
-    if connect_timeout <= 0 or retries < 0 or retry_wait < 0:
-        raise ValueError(f"need connect_timeout > 0, retries >= 0, retry_wait >= 0; got {connect_timeout}, "
-                         f"{retries}, {retry_wait}")
-    dst = Path(dst)
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DownloadError(f"cannot download {dst.name} from {url}: the torch hub cache dir is not writable "
-                            f"({_one_line(e)})") from None
-    attempts = retries + 1
-    for attempt in range(1, attempts + 1):
-        try:
-            with _bounded_network(connect_timeout):
-                # writes <dst>.<uuid>.partial, checks the hash, then moves it to dst; removes the partial on error
-                torch.hub.download_url_to_file(url, str(dst), hash_prefix=hash_prefix, progress=progress)
-            return
-        except RuntimeError as e:  # torch.hub's hash check (the body is complete: _CompleteBody saw to that)
-            if hash_prefix is None:
-                raise DownloadError(f"download of {dst.name} from {url} failed: {_one_line(e)}") from None
-            raise DownloadError(f"{dst.name}: the download from {url} was refused: its sha256 does not start with "
-                                f"the hash prefix {hash_prefix} in the file name ({_one_line(e)})") from None
-        except Exception as e:
-            if not _retryable(e):
-                raise DownloadError(f"download of {dst.name} from {url} failed: {_one_line(e)}") from None
-            if attempt == attempts:
-                raise DownloadError(f"download of {dst.name} from {url} failed after {attempts} attempt(s): "
-                                    f"{_one_line(e)}") from None
-            delay = retry_wait * attempt
-            log(f"pretrained: {dst.name}: attempt {attempt}/{attempts} from {url} failed ({_one_line(e)}); "
-                f"retrying in {delay:.1f} s")
-            time.sleep(delay)
-
-
 # ----------------------------------------------------------------------------- provide
 
 def _source_url(request: WeightsRequest, mirror: str | None) -> str:
@@ -356,7 +232,7 @@ def _verify(path: Path, file: str, *, check_prefix: bool = True) -> tuple[str | 
     try:
         digest = sha256_file(path)
     except OSError as e:
-        return None, f"{file} in the torch hub cache could not be read ({_one_line(e)}); not used"
+        return None, f"{file} in the torch hub cache could not be read ({one_line(e)}); not used"
     prefix = hash_prefix(file)
     if check_prefix and prefix is not None and not digest.startswith(prefix):
         return None, (f"{file} in the torch hub cache is corrupt: its sha256 {digest} does not start with the "

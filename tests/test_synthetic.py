@@ -11,10 +11,13 @@ import torch.nn.functional as F
 
 from helpers import override, tiny_params_dict, section
 from pipeline.config import ConfigError, params_from_dict
-from pipeline.data import synthetic as syn_mod
+from pipeline.data import render as syn_mod
+from pipeline.data import scene as scene_mod
 from pipeline.data.annotations import COLORS, MATERIALS, SHAPES, collision_frames, load_annotation
 from pipeline.data.layout import annotation_path, gt_path, split_ids, video_path
-from pipeline.data.synthetic import Camera, Renderer, render_dataset, render_video, sample_scene, simulate
+from pipeline.data.render import Camera, Renderer
+from pipeline.data.scene import sample_scene, simulate
+from pipeline.data.synthetic import render_dataset, render_video
 from pipeline.data.video import decode_video
 from pipeline.flow.ops import occlusion, warp
 
@@ -325,7 +328,7 @@ def test_dataset_has_collisions_and_no_interpenetration():
         for when, i, j, _ in scene.collisions:
             f = int(np.floor(when))
             gap = np.linalg.norm(scene.pos[f, i] - scene.pos[f, j]) - radius[i] - radius[j]
-            assert -1e-9 <= gap <= 2 * syn_mod.SPEED_RANGE[1] * 1.5  # touching within a frame's travel
+            assert -1e-9 <= gap <= 2 * scene_mod.SPEED_RANGE[1] * 1.5  # touching within a frame's travel
         total += len(scene.collisions)
     assert total >= 10
 
