@@ -259,7 +259,7 @@ class TTT:
     enabled: bool
     steps: int
     lr: float
-    params: Literal["flow_head", "all"]
+    params: Literal["flow_head", "flow_bias", "all"]
     loss: Literal["warp", "full"]
     grad_clip: float  # max global gradient norm per TTT step (divergence guard)
 

@@ -96,8 +96,15 @@ class TrainResult:
 # reproducibility, schedule, sampling
 
 def seed_everything(seed: int) -> None:
-    """Seed torch's CPU and CUDA generators (call before building a model)."""
+    """Seed torch's CPU and CUDA generators and ask for deterministic kernels (call before building a model).
+
+    On CPU the same seed and thread count give bit-identical training (tests/test_reproducible.py). On CUDA
+    some kernels have no deterministic version (scatter_add, used by pipeline.flow.ops.splat, sums with
+    atomics): torch then warns instead of failing, and runs differ in the last bits of such sums.
+    """
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def _step_seed(seed: int, step: int, shard: int) -> int:
@@ -318,7 +325,8 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, *, config: TrainC
     if rank == 0:
         save_checkpoint(checkpoint, make_checkpoint(
             kind=kind, model=model, model_args=model_args, arch=arch, optimizer=optimizer, step=config.steps,
-            params=params, metrics=metrics, history=history, **(extra or {})))
+            params=params, metrics=metrics, history=history, torch_threads=torch.get_num_threads(),
+            **(extra or {})))
         resume.unlink(missing_ok=True)
     barrier()
     return TrainResult(model=model, step=config.steps, metrics=metrics, seconds=seconds,

@@ -146,13 +146,16 @@ class TemporalModel(nn.Module):
 
     # ---- test-time training -----------------------------------------------------------------
     def ttt_parameters(self, which: str) -> list[nn.Parameter] | None:
-        """Parameters TTT adapts: 'flow_head' (None when the arch has none) or 'all' (frozen VAEs excluded)."""
+        """Parameters TTT adapts: 'flow_head', 'flow_bias' (its biases only: a per-video motion offset and
+        scale) or 'all' (frozen VAEs excluded); None when the arch has no flow head."""
         if which == "all":
             return self.trainable_parameters()
-        if which == "flow_head":
+        if which in ("flow_head", "flow_bias"):
             head = self._ttt_flow_head()
-            return None if head is None else list(head.parameters())
-        raise ValueError(f"ttt params must be 'flow_head' or 'all', got {which!r}")
+            if head is None:
+                return None
+            return [p for n, p in head.named_parameters() if which == "flow_head" or n.endswith("bias")]
+        raise ValueError(f"ttt params must be 'flow_head', 'flow_bias' or 'all', got {which!r}")
 
     def _ttt_flow_head(self) -> nn.Module | None:
         return None
