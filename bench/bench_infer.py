@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from bench.bench_train import prepare_workspace, workspace_params  # noqa: E402
 from bench.common import save  # noqa: E402
 from pipeline.config import Params  # noqa: E402
+from pipeline.io import resolve_device  # noqa: E402
 
 
 def arch_row(arch: str, params: Params, work: Path, *, train_steps: int) -> dict:
@@ -34,14 +35,14 @@ def arch_row(arch: str, params: Params, work: Path, *, train_steps: int) -> dict
                                 predictions=str(work / f"{arch}_predictions.h5"))
     params = dataclasses.replace(params, paths=paths, model=dataclasses.replace(params.model, arch=arch))
     train_temporal(params, steps=train_steps, report_dir=work / "reports" / arch)
-    summary = infer(params)
-    timing, ttt = summary["timing"], summary["ttt"]
-    fps = {k[len("fps_"):]: (round(v, 2) if v is not None else None) for k, v in timing.items() if k.startswith("fps_")}
+    summary = infer(params)  # frames/s are logged, never stored in predictions.h5
+    ttt = summary["ttt"]
+    fps = {k: round(v, 2) for k, v in summary["frames_per_second"].items()}
     row = {"arch": arch, "videos": summary["videos"], "horizon": params.eval.horizon, "context": params.eval.context,
-           "device": timing.get("device"), "fps": fps,
+           "device": resolve_device(params.device).type, "fps": fps,
            "fps_model": fps.get("model"), "fps_model_ttt": fps.get("model_ttt"),
            "ttt_supported": ttt.get("supported"), "ttt_reason": ttt.get("reason"), "ttt_steps": params.ttt.steps,
-           "ttt_params": params.ttt.params, "seconds_ttt_adapt": timing.get("seconds_ttt_adapt")}
+           "ttt_params": params.ttt.params}
     if row["fps_model"] and row["fps_model_ttt"]:
         row["ttt_slowdown"] = round(row["fps_model"] / row["fps_model_ttt"], 1)
     ttt_text = (f"with TTT ({params.ttt.steps} steps on {params.ttt.params}) {row['fps_model_ttt']} frames/s"
@@ -68,8 +69,8 @@ def main() -> None:
     result = {"train_steps": args.train_steps, "torch_threads": torch.get_num_threads(),
               "load_avg_1min": round(os.getloadavg()[0], 2), "workspace": manifest,
               "ttt": dataclasses.asdict(params.ttt), "eval_batch": params.eval.batch,
-              "note": "frames/s = predicted frames (videos x horizon) / seconds per method, from the infer stage's "
-                      "timing; model_ttt includes the per-video adaptation; model_step1 = 1-step predictions",
+              "note": "frames/s = predicted frames (videos x horizon) / seconds per method, from infer's "
+                      "clock; model_ttt includes the per-video adaptation; model_step1 = 1-step predictions",
               "rows": rows}
     print(f"wrote {save('infer', result)}")
 

@@ -5,8 +5,8 @@ Speed only: the upstream stages run in a workspace (a copy of the project, defau
 steps and the exact synthetic flow (flow.backend=gt), since throughput does not depend on how well the
 weights are trained. --workspace reuses (or creates) that directory; without it a temporary one is used.
 Each arch then trains `--steps` steps with the shared loop (train.batch clips of model.context + train.rollout
-frames); samples/s = steps x batch / loop seconds (the first step's start-up included). The VAE rows come
-from the workspace's own train_vae / train_flow_vae runs. On CUDA the loop runs with AMP (device auto).
+frames); samples/s = steps x batch / loop seconds (the first step's start-up included). The two VAEs train
+`--steps` steps the same way (train_vae / train_flow_vae on the workspace data). On CUDA the loop runs with AMP (device auto).
 Writes bench/results/train.json.
 """
 from __future__ import annotations
@@ -80,16 +80,25 @@ def workspace_params(root: Path, overrides: list[str] = ()) -> Params:
     return params_from_dict(raw)
 
 
-def vae_rows(root: Path, params: Params) -> list[dict]:
-    """samples/s of the workspace's own VAE training runs (from their stage reports)."""
+def vae_rows(params: Params, work: Path, *, steps: int) -> list[dict]:
+    """samples/s of the two VAEs: each trains `steps` steps on the workspace data (checkpoints under `work`)."""
+    import dataclasses
+
+    from pipeline.vae_training import train_flow_vae, train_vae
+
+    paths = dataclasses.replace(params.paths, vae=str(work / "vae.pt"), flow_vae=str(work / "flow_vae.pt"),
+                                reports=str(work / "reports"))
+    params = dataclasses.replace(params, paths=paths, vae=dataclasses.replace(params.vae, steps=steps),
+                                 flow_vae=dataclasses.replace(params.flow_vae, steps=steps))
     rows = []
-    for name, section in (("vae", params.vae), ("flow_vae", params.flow_vae)):
-        report = Path(params.paths.reports) / name / "metrics.json"
-        metrics = json.loads(report.read_text())
-        steps, seconds = int(metrics["step"]), float(metrics["train_seconds"])
+    for name, section, fn in (("vae", params.vae, train_vae), ("flow_vae", params.flow_vae, train_flow_vae)):
+        seconds = float(fn(params)["run"]["train_seconds"])  # the training loop only, from the stage function
         rows.append({"model": name, "steps": steps, "batch": section.batch, "train_seconds": seconds,
-                     "samples_per_s": round(steps * section.batch / seconds, 1), "device": metrics.get("device"),
+                     "samples_per_s": round(steps * section.batch / seconds, 1) if seconds > 0 else None,
+                     "device": resolve_device(params.device).type,
                      "sample": "one frame" if name == "vae" else "one backward flow field"})
+        print(f"  {name:<12} {rows[-1]['samples_per_s']:>8} samples/s ({steps} steps x batch {section.batch} in "
+              f"{seconds:.1f} s)", flush=True)
     return rows
 
 
@@ -102,7 +111,7 @@ def arch_row(arch: str, params: Params, work: Path, *, steps: int) -> dict:
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, arch=arch))
     report = train_temporal(params, steps=steps, checkpoint=work / f"{arch}.pt", report_dir=work / "reports" / arch)
     batch = params.train.batch
-    seconds = float(report["train_seconds"])
+    seconds = float(report["run"]["train_seconds"])
     row = {"model": arch, "steps": report["steps"], "batch": batch, "train_seconds": seconds,
            "samples_per_s": round(report["steps"] * batch / seconds, 2) if seconds > 0 else None,
            "parameters": report["parameters"], "device": resolve_device(params.device).type,
@@ -125,9 +134,7 @@ def main() -> None:
         root = args.workspace or Path(tmp) / "workspace"
         manifest = prepare_workspace(root, overrides=args.set)
         params = workspace_params(root)
-        rows = vae_rows(root, params)
-        for row in rows:
-            print(f"  {row['model']:<12} {row['samples_per_s']:>8} samples/s (workspace run: {row['steps']} steps)")
+        rows = vae_rows(params, Path(tmp), steps=args.steps)
         for arch in [a for a in args.archs.split(",") if a]:
             rows.append(arch_row(arch, params, Path(tmp), steps=args.steps))
     result = {"steps": args.steps, "torch_threads": torch.get_num_threads(),
@@ -135,7 +142,7 @@ def main() -> None:
               "data": {"videos": params.data.videos.train, "frames": params.data.frames,
                        "resolution": list(params.data.resolution)},
               "note": "samples/s = steps x batch / seconds of the training loop (start-up of the first step "
-                      "included); VAE rows from the workspace's own train_vae / train_flow_vae runs",
+                      "included), the same for the VAEs (train_vae / train_flow_vae's own loops)",
               "rows": rows}
     print(f"wrote {save('train', result)}")
 

@@ -8,8 +8,8 @@ Benchmarks, in order (NAME: script -> result):
   flow      bench_flow.py      pairs/s per flow backend, EPE vs the exact synthetic flow
   train     bench_train.py     training samples/s per temporal arch and per VAE
   infer     bench_infer.py     inference frames/s with and without test-time training
-  temporal  bench_temporal.py  quality: PSNR gain over copy-last per arch (needs trained upstream outputs:
-                               --temporal-data, default the repo's data/ + models/ after `dvc repro`)
+  temporal  bench_temporal.py  quality of the five archs on the test protocol, with intervals (needs a base run:
+                               --temporal-data DIR with data/ and models/, default this repo after `dvc repro`)
   pipeline  bench_pipeline.py  default `dvc repro` wall time and no-op `dvc repro` time (slow)
   memory    bench_memory.py    peak memory of extract and train_vae at 1x, 2x, 4x the default videos (slow)
 --quick skips temporal, pipeline and memory and the CPU raft_large flow rows. render/extract/flow/train/infer
@@ -35,8 +35,7 @@ from bench.common import REPO, RESULTS, machine  # noqa: E402
 BENCH = REPO / "bench"
 ORDER = ["render", "extract", "flow", "train", "infer", "temporal", "pipeline", "memory"]
 SLOW = {"temporal", "pipeline", "memory"}
-TEMPORAL_FILES = {"frames.h5": "data/frames.h5", "flow.h5": "data/flow.h5", "latents.h5": "data/latents.h5",
-                  "vae.pt": "models/vae.pt", "flow_vae.pt": "models/flow_vae.pt"}
+TEMPORAL_FILES = ["data/frames.h5", "data/flow.h5", "data/latents.h5", "models/vae.pt", "models/flow_vae.pt"]
 
 
 def commands(names: list[str], *, workspace: Path, quick: bool, overrides: list[str],
@@ -52,26 +51,18 @@ def commands(names: list[str], *, workspace: Path, quick: bool, overrides: list[
         "train": ["bench_train.py", "--workspace", str(workspace), *sets,
                   *(["--steps", str(train_steps)] if train_steps else [])],
         "infer": ["bench_infer.py", "--workspace", str(workspace), *sets],
-        "temporal": (["bench_temporal.py", "--data", str(temporal_data)] if temporal_data is not None else
-                     "no trained upstream outputs (run `dvc repro encode` first or pass --temporal-data DIR)"),
+        "temporal": (["bench_temporal.py", "--base", str(temporal_data)] if temporal_data is not None else
+                     "no trained upstream outputs (run `dvc repro` first or pass --temporal-data DIR)"),
         "pipeline": ["bench_pipeline.py", *sets],
         "memory": ["bench_memory.py"],
     }
     return {n: cmds[n] for n in names}
 
 
-def temporal_dir(arg: Path | None, tmp: Path) -> Path | None:
-    """A flat directory of the upstream outputs bench_temporal needs (links into a `dvc repro` tree)."""
-    if arg is not None and all((arg / f).is_file() for f in TEMPORAL_FILES):
-        return arg
+def temporal_dir(arg: Path | None) -> Path | None:
+    """The base run bench_temporal reads (data/ and models/ of a `dvc repro`), None when it is incomplete."""
     root = arg or REPO
-    if not all((root / rel).is_file() for rel in TEMPORAL_FILES.values()):
-        return None
-    flat = tmp / "temporal_data"
-    flat.mkdir(exist_ok=True)
-    for name, rel in TEMPORAL_FILES.items():
-        (flat / name).symlink_to((root / rel).resolve())
-    return flat
+    return root if all((root / rel).is_file() for rel in TEMPORAL_FILES) else None
 
 
 def run(name: str, cmd: list[str], log: Path) -> dict:
@@ -130,9 +121,13 @@ def headline(name: str, r: dict) -> list[tuple[str, str]]:
             rows.append((f"infer {row['arch']} ({row['device']})", f"{_fmt(row['fps_model'])} frames/s rollout; {ttt}"))
         return rows
     if name == "temporal":
-        h = r["horizon"]
-        return [(f"quality {row['arch']}", f"{row[f'gain_rollout{h}_db']:+.2f} dB over copy-last ({h}-step rollout), "
-                 f"{row['gain_step1_db']:+.2f} dB 1-step, {row['steps']} steps") for row in r["results"]]
+        rows = []
+        for row in r["rows"]:
+            m, d = row["metrics"]["model"], row["metrics"]["model_minus_flow_extrap"]
+            rows.append((f"quality {row['arch']} ({r['split']})",
+                         f"{m['psnr']:.2f} dB [{m['psnr_lo']:.2f}, {m['psnr_hi']:.2f}], {d['psnr']:+.2f} dB "
+                         f"[{d['psnr_lo']:+.2f}, {d['psnr_hi']:+.2f}] vs flow_extrap; trained in {row['train_seconds']} s"))
+        return rows
     if name == "pipeline":
         return [("`dvc repro`, default params", f"{r['repro_s'] / 60:.1f} min ({len(r['stages_run'])} stages)"),
                 ("no-op `dvc repro`", f"{r['noop_repro_s']:.1f} s")]
@@ -188,8 +183,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help=f"NAME[,NAME]: run only these ({', '.join(ORDER)})")
     parser.add_argument("--workspace", type=Path, default=None, help="reuse/create the shared workspace here")
     parser.add_argument("--temporal-data", type=Path, default=None,
-                        help="trained upstream outputs for bench_temporal (a repo after `dvc repro encode`, or a "
-                             "flat dir of frames.h5 flow.h5 latents.h5 vae.pt flow_vae.pt); default: this repo")
+                        help="base run for bench_temporal (a project dir after `dvc repro`: data/ and models/); "
+                             "default: this repo")
     parser.add_argument("--set", action="append", default=[], help="param override KEY=VALUE (smoke runs)")
     parser.add_argument("--train-steps", type=int, default=None, help="steps per arch in bench_train (default 30)")
     args = parser.parse_args()
@@ -208,7 +203,7 @@ def main() -> None:
             print(f"== workspace {workspace}", flush=True)
             prepare_workspace(workspace, overrides=args.set)
         cmds = commands(names, workspace=workspace, quick=args.quick, overrides=args.set,
-                        temporal_data=temporal_dir(args.temporal_data, tmp) if "temporal" in names else None,
+                        temporal_data=temporal_dir(args.temporal_data) if "temporal" in names else None,
                         train_steps=args.train_steps)
         for name, cmd in cmds.items():
             if isinstance(cmd, str):

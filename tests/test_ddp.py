@@ -14,14 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from bench.common import copy_project
-from helpers import override, tiny_params_dict
+from helpers import override, squares_splits, tiny_params_dict, write_frames_h5
 from pipeline.checkpoint import load_checkpoint, unwrap
 from pipeline.config import load_params
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss
@@ -93,33 +91,6 @@ def test_accumulation_equals_one_big_batch_for_a_deterministic_loss(tmp_path):
         TrainConfig(steps=1, batch=1, lr=1.0, accumulate=0)
 
 
-def _frames_h5(path: Path, *, videos: dict[str, int], frames: int = 8, size: int = 32) -> None:
-    """A small frames.h5 (DESIGN §4 layout, the datasets FrameDataset reads): moving soft discs."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size]
-    with h5py.File(path, "w") as f:
-        f.attrs.update(source="synthetic", resolution=[size, size], stride=1, frames=frames, params_hash="test",
-                       has_gt=False)
-        for split, n in videos.items():
-            video = np.empty((n, frames, size, size, 3), np.uint8)
-            for v in range(n):
-                bg = rng.uniform(0.2, 0.5)
-                pos, vel = rng.uniform(6, size - 6, (3, 2)), rng.uniform(-2, 2, (3, 2))
-                colors, radius = rng.uniform(0, 1, (3, 3)), rng.uniform(3, 6, 3)
-                for t in range(frames):
-                    img = np.full((size, size, 3), bg)
-                    for (x, y), c, r in zip(pos + t * vel, colors, radius):
-                        alpha = np.clip(r - np.hypot(xx - x, yy - y), 0, 1)[..., None]
-                        img = img * (1 - alpha) + c * alpha
-                    video[v, t] = (img * 255).round()
-            g = f.create_group(split)
-            g.create_dataset("video", data=video, chunks=(1, 1, size, size, 3))
-            g.create_dataset("collision", data=np.zeros((n, frames), np.uint8))
-            g.create_dataset("boxes", data=np.zeros((n, frames, 1, 4), np.float32))
-            g.create_dataset("box_mask", data=np.zeros((n, frames, 1), np.uint8))
-            g.create_dataset("video_index", data=np.arange(n, dtype=np.int64))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_project")
@@ -127,7 +98,7 @@ def project(tmp_path_factory):
     raw = override(tiny_params_dict(), {"device": "cpu", "vae": DDP_VAE})
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / "data").mkdir(exist_ok=True)
-    _frames_h5(root / "data" / "frames.h5", videos={"train": 4, "test": 2})
+    write_frames_h5(root / "data" / "frames.h5", squares_splits({"train": 4, "test": 2}, T=8, H=32, W=32))
     env = dict(os.environ, OMP_NUM_THREADS="1", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root))
     return root, env
 

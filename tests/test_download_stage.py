@@ -9,7 +9,8 @@ import yaml
 
 from pipeline.data import layout
 from pipeline.stages import download as stage
-from test_clevrer_download import FakeServer, clevrer, expected_files, files_under  # noqa: F401 (fixture)
+
+from clevrer_server import FakeServer, expected_files, files_under
 
 
 def write_params(root, tiny: dict, **data) -> None:

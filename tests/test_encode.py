@@ -9,32 +9,17 @@ import pytest
 import torch
 
 from pipeline.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
-from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig
+from pipeline.models.flow_vae import FlowVAEConfig
 from pipeline.models.vae import VAE, VAEConfig
 from pipeline import latents
 from pipeline.io import InputFileError
 from pipeline.latents import encode_latents
 
-from test_vae import write_tiny_flow, write_tiny_frames
-
-SPLITS = {"train": 3, "val": 1, "test": 2}
+from helpers import ENCODE_SPLITS as SPLITS, squares_splits, write_flow_h5, write_frames_h5
 
 
-@pytest.fixture
-def inputs(tmp_path):
-    write_tiny_frames(tmp_path / "frames.h5", splits=SPLITS, frames=6, size=16)
-    write_tiny_flow(tmp_path / "flow.h5", splits=SPLITS, frames=6, size=16)
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(hidden=16, latent_channels=4, downsample=4, patch=2))
-    fvae = FlowVAE(FlowVAEConfig(hidden=8, latent_channels=2, downsample=2, patch=1, flow_scale=1.5))
-    save_checkpoint(tmp_path / "vae.pt", make_checkpoint(kind="vae", model=vae, model_args=vae.config.to_dict(), step=7))
-    save_checkpoint(tmp_path / "flow_vae.pt", make_checkpoint(kind="flow_vae", model=fvae,
-                                                              model_args=fvae.config.to_dict(), step=3))
-    return tmp_path, vae.eval(), fvae.eval()
-
-
-def test_encode_writes_mu_of_both_vaes(inputs, monkeypatch):
-    tmp, vae, fvae = inputs
+def test_encode_writes_mu_of_both_vaes(encode_inputs, monkeypatch):
+    tmp, vae, fvae = encode_inputs
     monkeypatch.setattr(latents, "PIXELS_PER_BATCH", 16 * 16 * 6 * 2)  # two videos a batch: exercises chunking
     report = encode_latents(tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt", tmp / "lat.h5",
                             device="cpu")
@@ -56,18 +41,18 @@ def test_encode_writes_mu_of_both_vaes(inputs, monkeypatch):
     assert not list(tmp.glob(".lat.h5.tmp*"))
 
 
-def test_encode_mismatched_flow_fails_naming_the_file(inputs):
-    tmp, _, _ = inputs
-    write_tiny_flow(tmp / "flow.h5", splits=SPLITS, frames=5, size=16)  # one frame short
+def test_encode_mismatched_flow_fails_naming_the_file(encode_inputs):
+    tmp, _, _ = encode_inputs
+    write_flow_h5(tmp / "flow.h5", squares_splits(SPLITS, T=5, H=16, W=16))  # one frame short
     with pytest.raises(ValueError, match=r"flow\.h5: /train/bwd has shape \(3, 4, 2, 16, 16\), expected \(3, 5, 2, 16, 16\)"):
         encode_latents(tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt", tmp / "lat.h5",
                        device="cpu")
     assert not (tmp / "lat.h5").exists() and not list(tmp.glob(".lat.h5.tmp*"))
 
 
-def test_encode_missing_split_and_bad_checkpoint(inputs):
-    tmp, _, _ = inputs
-    write_tiny_flow(tmp / "flow.h5", splits={"train": 3, "test": 2}, frames=6, size=16)
+def test_encode_missing_split_and_bad_checkpoint(encode_inputs):
+    tmp, _, _ = encode_inputs
+    write_flow_h5(tmp / "flow.h5", squares_splits({"train": 3, "test": 2}, T=6, H=16, W=16))
     with pytest.raises(KeyError, match=r"flow\.h5: splits \['val'\]"):
         encode_latents(tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt", tmp / "lat.h5",
                        device="cpu")
@@ -79,12 +64,13 @@ def test_encode_missing_split_and_bad_checkpoint(inputs):
     assert not (tmp / "lat.h5").exists()
 
 
-def test_encode_resolution_not_divisible(inputs):
-    tmp, _, _ = inputs
+def test_encode_resolution_not_divisible(encode_inputs):
+    tmp, _, _ = encode_inputs
     vae = VAE(VAEConfig(hidden=16, latent_channels=4, downsample=8, patch=2))
     save_checkpoint(tmp / "vae.pt", make_checkpoint(kind="vae", model=vae, model_args=vae.config.to_dict()))
-    write_tiny_frames(tmp / "frames.h5", splits=SPLITS, frames=6, size=20)
-    write_tiny_flow(tmp / "flow.h5", splits=SPLITS, frames=6, size=20)
+    scenes = squares_splits(SPLITS, T=6, H=20, W=20)
+    write_frames_h5(tmp / "frames.h5", scenes)
+    write_flow_h5(tmp / "flow.h5", scenes)
     with pytest.raises(ValueError, match=r"frames\.h5: input size 20x20 is not divisible by the VAE downsample factor 8"):
         encode_latents(tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt", tmp / "lat.h5",
                        device="cpu")

@@ -15,6 +15,7 @@ from pipeline.config import params_from_dict
 from pipeline.data.datasets import ClipDataset
 from pipeline.evaluation import SCORES, evaluate, write_plot_tables
 from pipeline.inference import InferenceSettings, run_inference
+from pipeline.metrics import average_precision
 from pipeline.models.vae import VAE, VAEConfig
 
 METHODS = ["model", "model_ttt", "copy_last", "flow_extrap", "flow_advect", "vae_recon"]
@@ -164,7 +165,7 @@ def eval_params(tmp_path, tiny_params_dict_fixture):
 
 def test_evaluate_writes_intervals_differences_and_collision_scores(tmp_path, eval_params, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no backbone: LPIPS must be null
-    run_tiny_infer(tmp_path, tiny_settings())
+    frames_h5, _, _, _, _ = run_tiny_infer(tmp_path, tiny_settings())
     metrics = evaluate(eval_params, log=lambda s: None)
     on_disk = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert on_disk == metrics
@@ -183,7 +184,12 @@ def test_evaluate_writes_intervals_differences_and_collision_scores(tmp_path, ev
     assert "backbone weights not found" in metrics["lpips_note"]
     col = metrics["collision"]
     assert col["events"] == 1 and col["frames"] == 3 * 6 and col["prevalence"] == pytest.approx(1 / 18, abs=1e-5)
-    assert col["ap_constant"] == col["prevalence"] and 0 <= col["ap"] <= 1 and 0 <= col["best_f1"] <= 1
+    with h5py.File(frames_h5) as f:
+        labels = f["test/collision"][:, 2:]  # the frames scored: each has the model's 2 frames of history
+    assert np.argwhere(labels).tolist() == [[0, 3]]  # the one event: video 0, frame 5
+    # a constant score ranks every frame alike: its AP is the prevalence
+    assert col["ap_constant"] == pytest.approx(average_precision(np.full(labels.shape, 0.5), labels), abs=1e-5)
+    assert 0 <= col["ap"] <= 1 and 0 <= col["best_f1"] <= 1
     assert metrics["arch"] == "toy"
     # the known 2 px/frame motion makes both flow baselines beat copying the last frame, significantly
     assert metrics["flow_extrap"]["psnr_lo"] > metrics["copy_last"]["psnr_hi"]

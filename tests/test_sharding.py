@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from bench.common import copy_project
-from helpers import override, tiny_params_dict, section
+from helpers import override, section, squares_splits, tiny_params_dict, write_frames_h5
 from pipeline.checkpoint import make_checkpoint, save_checkpoint
 
 from pipeline.flow.compute import compute_flow, flow_report, merge_flow_reports
@@ -22,8 +22,6 @@ from pipeline.models.vae import VAE, VAEConfig
 from pipeline.sharding import ROWS, Shard, ShardError, merge_shards, shard_path
 from pipeline.latents import encode_latents
 
-from test_encode import inputs  # noqa: F401  (fixture: tiny frames.h5, flow.h5 and VAE checkpoints)
-from test_flow_stage import write_frames_h5
 
 CPU = torch.device("cpu")
 
@@ -59,7 +57,8 @@ def test_shard_videos_partition_and_validation():
 @pytest.mark.parametrize("backend", ["gt", "dis"])
 def test_flow_shards_merge_into_the_single_process_file(tmp_path, backend):
     frames = tmp_path / "frames.h5"
-    write_frames_h5(frames, {"train": 3, "val": 1, "test": 5})  # 3 ranks: uneven shards, one empty val shard
+    # 3 ranks: uneven shards, one empty val shard
+    write_frames_h5(frames, squares_splits({"train": 3, "val": 1, "test": 5}, T=5, H=48, W=56))
     flow = section("flow", backend=backend, batch=3)  # batches cross video boundaries
     whole = compute_flow(frames, tmp_path / "flow.h5", flow=flow, device=CPU)
     out = tmp_path / "sharded" / "flow.h5"
@@ -82,8 +81,8 @@ def test_flow_shards_merge_into_the_single_process_file(tmp_path, backend):
         np.testing.assert_array_equal(value, merged["examples"][key], err_msg=key)
 
 
-def test_encode_shards_merge_into_the_single_process_file(inputs):
-    tmp, _, _ = inputs
+def test_encode_shards_merge_into_the_single_process_file(encode_inputs):
+    tmp, _, _ = encode_inputs
     args = (tmp / "frames.h5", tmp / "flow.h5", tmp / "vae.pt", tmp / "flow_vae.pt")
     encode_latents(*args, tmp / "latents.h5", device="cpu")
     out = tmp / "sharded.h5"
@@ -96,7 +95,7 @@ def test_encode_shards_merge_into_the_single_process_file(inputs):
 
 def test_merge_rejects_missing_overlapping_and_mismatched_shards(tmp_path):
     frames = tmp_path / "frames.h5"
-    write_frames_h5(frames, {"train": 2, "test": 3})
+    write_frames_h5(frames, squares_splits({"train": 2, "test": 3}, T=5, H=48, W=56))
     out = tmp_path / "flow.h5"
     for r in range(2):
         compute_flow(frames, shard_path(out, r), flow=section("flow", backend="gt"), device=CPU, shard=Shard(r, 2))
@@ -118,7 +117,7 @@ def test_flow_and_encode_stages_under_torchrun_match_one_process(tmp_path):
     raw = override(tiny_params_dict(), {"device": "cpu", "flow": {"backend": "dis"}})
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / "data").mkdir(exist_ok=True)
-    write_frames_h5(root / "data" / "frames.h5", {"train": 3, "val": 1, "test": 3})
+    write_frames_h5(root / "data" / "frames.h5", squares_splits({"train": 3, "val": 1, "test": 3}, T=5, H=48, W=56))
     torch.manual_seed(0)
     vae = VAE(VAEConfig(hidden=8, latent_channels=2, downsample=4, patch=2))
     fvae = FlowVAE(FlowVAEConfig(hidden=8, latent_channels=2, downsample=4, patch=2, flow_scale=2.0))

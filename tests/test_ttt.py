@@ -78,8 +78,19 @@ def test_ttt_keeps_best_weights_when_lr_explodes():
     model = ToyTemporal()
     trainer = TTTAdapter(model, steps=5, lr=50.0, params="all", loss="full", grad_clip=1.0)
     batch = context_slice(make_batch(B=1), 5)
+    seen = []  # the context loss of every set of weights TTT evaluated (step k: after k updates)
+    loss_fn = model.ttt_loss
+
+    def recording(b, kind):
+        loss = loss_fn(b, kind)
+        seen.append(float(loss.detach()))
+        return loss
+
+    model.ttt_loss = recording
     stats = trainer.adapt(batch)
-    assert stats.loss_after <= stats.loss_before
+    model.ttt_loss = loss_fn
+    # the exploding steps made it worse: the last weights are not the ones to keep (no restore would keep them)
+    assert len(seen) == 6 and seen[-1] > 1.01 * stats.loss_after and stats.best_step < 5
     # the kept weights really are the best ones seen
     with torch.no_grad():
         assert float(model.ttt_loss(batch, "full")) == pytest.approx(stats.loss_after, rel=1e-5)

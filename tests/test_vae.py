@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence as torch_kl
@@ -19,7 +16,7 @@ from pipeline.losses import end_point_error
 from pipeline.models.flow_vae import FlowVAE, FlowVAEConfig, flow_vae_loss, moving_weights
 from pipeline.models.vae import VAE, VAEConfig, frame_vae_loss, kl_divergence, kl_weight
 
-from helpers import override, tiny_params_dict
+from helpers import override, squares_splits, tiny_params_dict, write_flow_h5, write_frames_h5
 
 
 @pytest.mark.parametrize("size", [(32, 32), (64, 48), (16, 128)])
@@ -162,42 +159,6 @@ def test_bad_vae_params_fail_clearly():
 
 # --- stages on a tiny synthetic HDF5 --------------------------------------------------------------
 
-def write_tiny_frames(path, *, splits=None, frames=8, size=32, seed=0):
-    """frames.h5 with moving coloured squares on gray, the DESIGN §4 layout (video only)."""
-    rng = np.random.default_rng(seed)
-    splits = splits or {"train": 4, "test": 2}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        for split, n in splits.items():
-            video = np.full((n, frames, size, size, 3), 110, np.uint8)
-            for v in range(n):
-                for _ in range(2):
-                    color = rng.integers(0, 256, 3)
-                    y, x = rng.integers(0, size - 8, 2)
-                    dy, dx = rng.integers(-1, 2, 2)
-                    for t in range(frames):
-                        yy, xx = np.clip([y + dy * t, x + dx * t], 0, size - 8)
-                        video[v, t, yy:yy + 8, xx:xx + 8] = color
-            f.create_dataset(f"{split}/video", data=video, chunks=(1, 1, size, size, 3))
-    return path
-
-
-def write_tiny_flow(path, *, splits=None, frames=8, size=32, seed=0):
-    """flow.h5 with smooth random backward flow fields (pixels), float16 like the flow stage writes."""
-    rng = np.random.default_rng(seed)
-    splits = splits or {"train": 4, "test": 2}
-    yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        for split, n in splits.items():
-            a = rng.normal(size=(n, frames - 1, 2, 3))
-            bwd = a[..., 0:1, None] + a[..., 1:2, None] * xx + a[..., 2:3, None] * yy  # [n,T-1,2,H,W]
-            f.create_dataset(f"{split}/bwd", data=bwd.astype(np.float16))
-            f.create_dataset(f"{split}/fwd", data=(-bwd).astype(np.float16))
-            f.create_dataset(f"{split}/occ", data=np.full((n, frames - 1, size, size), 255, np.uint8))
-    return path
-
-
 def tiny_stage_params(tmp_path, **sections):
     raw = tiny_params_dict()
     raw["paths"] = {k: str(tmp_path / v) for k, v in raw["paths"].items()}
@@ -209,7 +170,7 @@ def test_train_vae_stage(tmp_path):
     from pipeline.vae_training import train_vae
 
     params = tiny_stage_params(tmp_path, vae={"steps": 12, "ckpt_every": 5, "log_every": 4})
-    write_tiny_frames(params.paths.frames)
+    write_frames_h5(params.paths.frames, squares_splits({"train": 4, "test": 2}))
     metrics = train_vae(params)
     report = tmp_path / "reports" / "vae"
     saved = json.loads((report / "metrics.json").read_text())
@@ -231,7 +192,7 @@ def test_train_vae_stage_rejects_a_resolution_the_latent_does_not_divide(tmp_pat
 
     params = tiny_stage_params(tmp_path)
     params = dataclasses.replace(params, vae=dataclasses.replace(params.vae, downsample=8, patch=2))
-    write_tiny_frames(params.paths.frames, size=36)
+    write_frames_h5(params.paths.frames, squares_splits({"train": 4, "test": 2}, H=36, W=36))
     with pytest.raises(ValueError, match=r"frames\.h5: input size 36x36 is not divisible"):
         train_vae(params)
 
@@ -240,7 +201,7 @@ def test_train_flow_vae_stage(tmp_path):
     from pipeline.vae_training import train_flow_vae
 
     params = tiny_stage_params(tmp_path, flow_vae={"steps": 10, "flow_scale": 1.5, "moving_weight": 4.0})
-    write_tiny_flow(params.paths.flow)
+    write_flow_h5(params.paths.flow, squares_splits({"train": 4, "test": 2}))  # squares at 1-2 px per frame
     metrics = train_flow_vae(params)
     report = tmp_path / "reports" / "flow_vae"
     saved = json.loads((report / "metrics.json").read_text())
