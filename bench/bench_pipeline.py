@@ -1,6 +1,11 @@
 """Wall time of the default `dvc repro` (every stage) in a fresh copy of the repo, and of a no-op re-run.
 
 Usage: python bench/bench_pipeline.py [--set KEY=VALUE ...]   (e.g. --set data.videos.train=96)
+       python bench/bench_pipeline.py --clone                 # a `git clone` of HEAD, as a new user gets it
+
+With --clone (no overrides) the run is also the reproducibility check: after `dvc repro` in the clone,
+`git status --short dvc.lock` must print nothing, i.e. every output hashes as the committed dvc.lock says;
+the result records that output and, per stage, the outputs whose md5 differ.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_project, save, set_params  # noqa: E402
+from bench.common import REPO, copy_project, save, set_params  # noqa: E402
 
 
 def dvc(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
@@ -28,25 +33,56 @@ def dvc(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     return seconds, result.stdout + result.stderr
 
 
+def lock_outs(lock_text: str) -> dict[str, str]:
+    """{stage/out path: md5} of every out and metric of a dvc.lock."""
+    import yaml
+
+    lock = yaml.safe_load(lock_text)
+    return {f"{stage}/{out['path']}": out.get("md5", "") for stage, entry in lock["stages"].items()
+            for out in entry.get("outs", [])}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], help="param override KEY=VALUE, e.g. data.videos.train=96")
+    parser.add_argument("--clone", action="store_true", help="git clone HEAD instead of copying the working tree, "
+                                                             "and check dvc.lock afterwards")
     args = parser.parse_args()
+    if args.clone and args.set:
+        raise SystemExit("--clone checks the committed dvc.lock: it takes no --set overrides")
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
-        copy_project(root)
-        env = dict(os.environ, DVC_NO_ANALYTICS="1")
-        set_params(root / "params.yaml", args.set)
-        for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
-            subprocess.run(cmd, cwd=root, env=env, check=True)
+        if args.clone:
+            subprocess.run(["git", "clone", "-q", str(REPO), str(root)], env=env, check=True)
+            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        else:
+            copy_project(root)
+            set_params(root / "params.yaml", args.set)
+            for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
+                subprocess.run(cmd, cwd=root, env=env, check=True)
+            head = None
+        committed = (root / "dvc.lock").read_text() if (root / "dvc.lock").is_file() else None
         full_s, out = dvc(["repro"], root, env)
         stages = re.findall(r"Running stage '(\w+)'", out)
         noop_s, _ = dvc(["repro"], root, env)
         metrics = json.loads((root / "reports" / "metrics.json").read_text())
-    result = {"overrides": args.set, "repro_s": round(full_s, 1), "noop_repro_s": round(noop_s, 2),
-              "stages_run": stages, "metrics": metrics}
+        check = None
+        if args.clone:
+            status = subprocess.run(["git", "status", "--short", "dvc.lock"], cwd=root, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            before, after = lock_outs(committed or "stages: {}"), lock_outs((root / "dvc.lock").read_text())
+            check = {"commit": head, "git_status_dvc_lock": status, "identical": status == "",
+                     "outs_differing": sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))}
+    result = {"overrides": args.set, "source": "git clone of HEAD" if args.clone else "copy of the working tree",
+              "repro_s": round(full_s, 1), "noop_repro_s": round(noop_s, 2), "stages_run": stages,
+              "metrics": metrics, "lock_check": check}
     print(f"dvc repro (all {len(stages)} stages): {full_s / 60:.1f} min; no-op dvc repro: {noop_s:.1f} s")
+    if check is not None:
+        print(f"git status --short dvc.lock: {check['git_status_dvc_lock'] or '(nothing)'}; "
+              f"outs differing: {check['outs_differing'] or 'none'}")
     print(f"wrote {save('pipeline', result)}")
 
 

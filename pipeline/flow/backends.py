@@ -4,8 +4,9 @@ Every backend maps a batch of frame pairs to the forward and backward flow of ea
 `backend(pairs) -> (fwd, bwd)`, fwd [B,2,H,W] (first -> second, on the first frame's grid) and
 bwd [B,2,H,W] (second -> first, on the second frame's grid), float32 pixels on `backend.device`.
 
-RAFT weights are never downloaded here: `build_backend` looks for the file torchvision would use
-($TORCH_HOME/hub/checkpoints/<basename of weights.url>) and, when it is missing or unreadable,
+RAFT weights are never downloaded here: `build_backend` looks for the file torchvision would use in the
+current torch hub dir (<hub>/checkpoints/<basename of weights.url>; the flow stage sets the hub dir to the
+pretrained stage's models/pretrained/flow/hub) and, when it is missing or unreadable,
 falls back to `flow.fallback` with a loud warning; the choice and the reason are returned in
 `BackendInfo` for the stage report. Random RAFT weights are never used.
 """

@@ -203,7 +203,9 @@ def compute_flow(frames_path: str | Path, out_path: str | Path, *, flow: Flow, d
                 vis_sum, examples = 0.0, []
                 for runs in _pair_runs(N, P, flow.batch):
                     pairs, gt_vis = _read_batch(group, [(rows[n], t0, t1) for n, t0, t1 in runs], with_gt)
-                    fwd, bwd = backend_(pairs)  # [B,2,H,W] float32 each
+                    # [B,2,H,W] each, rounded to the float16 flow.h5 stores: the occlusion, the report and the
+                    # figures are functions of the stored flow (a multithreaded backend's last float32 bits vary)
+                    fwd, bwd = (f.to(torch.float16).float() for f in backend_(pairs))
                     soft, hard = occlusion(bwd, fwd, alpha1=flow.occ_alpha1, alpha2=flow.occ_alpha2)  # [B,1,H,W]
                     fwd16 = fwd.to(torch.float16).cpu().numpy()
                     bwd16 = bwd.to(torch.float16).cpu().numpy()
