@@ -64,11 +64,13 @@ def test_weights_that_appear_rerun_exactly_their_consumers(project):
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert metrics["flow_fallback"] == 1 and metrics["lpips_computed"] == 0
 
-    # RAFT weights appear in the torch hub cache (random ones: the stage runs, the flow is meaningless)
+    # RAFT and AlexNet weights appear in the torch hub cache (random ones: the stages run on them, the flow
+    # and LPIPS values are meaningless)
     path = hub_path("raft_small", torch_home / "hub")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     torch.save(torchvision.models.optical_flow.raft_small(weights=None).state_dict(), path)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), hub_path("alex", torch_home / "hub"))
     out = dvc(["repro", "pretrained"], root, env)
     assert ran(out) == {"pretrained"}
     status = dvc(["status"], root, env)
@@ -81,7 +83,9 @@ def test_weights_that_appear_rerun_exactly_their_consumers(project):
     assert {"flow", "infer", "evaluate"} <= ran(out) and not ran(out) & {"download", "extract", "train_vae"}, out
     flow = json.loads((root / "reports/flow/metrics.json").read_text())
     assert flow["backend_used"] == "raft_small" and flow["fallback"] == 0
-    assert json.loads((root / "reports/metrics.json").read_text())["flow_fallback"] == 0
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["flow_fallback"] == 0 and metrics["lpips_computed"] == 1 and "lpips_note" not in metrics
+    assert metrics["model"]["lpips"] is not None and metrics["model"]["lpips"] > 0
 
 
 def test_weights_travel_with_dvc_push_and_pull(project, tmp_path):
