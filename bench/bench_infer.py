@@ -47,8 +47,8 @@ def arch_row(arch: str, params: Params, work: Path, *, train_steps: int) -> dict
         row["ttt_slowdown"] = round(row["fps_model"] / row["fps_model_ttt"], 1)
     ttt_text = (f"with TTT ({params.ttt.steps} steps on {params.ttt.params}) {row['fps_model_ttt']} frames/s"
                 if row["fps_model_ttt"] else f"TTT n/a ({ttt.get('reason')})")
-    print(f"  {arch:<12} rollout {row['fps_model']} frames/s; {ttt_text}; 1-step {fps.get('model_step1')} frames/s",
-          flush=True)
+    print(f"  {arch:<12} rollout {row['fps_model']} frames/s; {ttt_text}; teacher-forced pass (1-step + collisions) "
+          f"{fps.get('model_teacher')} frames/s", flush=True)
     return row
 
 
@@ -70,7 +70,8 @@ def main() -> None:
               "load_avg_1min": round(os.getloadavg()[0], 2), "workspace": manifest,
               "ttt": dataclasses.asdict(params.ttt), "eval_batch": params.eval.batch,
               "note": "frames/s = predicted frames (videos x horizon) / seconds per method, from infer's "
-                      "clock; model_ttt includes the per-video adaptation; model_step1 = 1-step predictions",
+                      "clock; model_ttt includes the per-video adaptation; model_teacher = the teacher-forced pass "
+                      "(1-step predictions and collision scores on every frame)",
               "rows": rows}
     print(f"wrote {save('infer', result)}")
 
