@@ -43,6 +43,19 @@ def copy_project(dst: Path) -> None:
         shutil.copy2(REPO / rel, target)
 
 
+def parse_value(text: str):
+    """A -S / --set value as YAML, except that 1e-3 is the number PyYAML's YAML 1.1 rules read as a string."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
     """Apply KEY=VALUE overrides (dotted keys, YAML values) to a params mapping in place."""
     import yaml
@@ -54,7 +67,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
             node = node[part]
         if leaf not in node:
             raise SystemExit(f"unknown param {key}")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = parse_value(value)
 
 
 def set_params(params_file: Path, overrides: list[str]) -> None:

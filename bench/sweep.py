@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from bench.common import REPO, save  # noqa: E402
+from bench.common import REPO, parse_value, save  # noqa: E402
 
 # stage -> (params sections it reads, the paths.* it writes); in DAG order after extract
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -49,13 +49,13 @@ BASE_FILES = {"frames": "data/frames.h5", "flow": "data/flow.h5", "latents": "da
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
-    """['a.b=1,2', 'c=x'] -> {'a.b': [1, 2], 'c': ['x']} (values parsed as YAML)."""
+    """['a.b=1,2', 'c=x'] -> {'a.b': [1, 2], 'c': ['x']} (values parsed as YAML, 1e-3 as a number)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"bad -S {item!r}: expected KEY=V1[,V2...]")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+        grid[key] = [parse_value(v) for v in values.split(",")]
     return grid
 
 
