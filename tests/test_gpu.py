@@ -12,6 +12,15 @@ from pipeline.models.temporal import build_temporal
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture
+def full_precision():
+    """CUDA without TF32 (on by default for cuDNN convolutions): CPU and CUDA then agree to float32 rounding."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_amp_training_on_cuda_is_finite_and_close_to_fp32(tmp_path):
     """A few AMP steps on CUDA train the same tiny VAE as fp32 on CUDA does, up to low-precision rounding."""
     results = {}
@@ -23,7 +32,7 @@ def test_amp_training_on_cuda_is_finite_and_close_to_fp32(tmp_path):
     assert results[True] == pytest.approx(results[False], rel=0.05), results
 
 
-def test_raft_forward_on_cuda_matches_cpu():
+def test_raft_forward_on_cuda_matches_cpu(full_precision):
     """torchvision RAFT (random weights) gives the same flow on CUDA as on the CPU."""
     from torchvision.models.optical_flow import raft_small
 
@@ -37,7 +46,7 @@ def test_raft_forward_on_cuda_matches_cpu():
     np.testing.assert_allclose(cuda.numpy(), cpu.numpy(), atol=1e-2)
 
 
-def test_warp_occ_rollout_on_cuda_matches_cpu():
+def test_warp_occ_rollout_on_cuda_matches_cpu(full_precision):
     """The default arch's rollout runs on CUDA and agrees with the CPU one."""
     params = params_from_dict(tiny_params_dict())
     H, W = params.data.resolution
