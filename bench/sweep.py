@@ -144,12 +144,14 @@ HEADLINE = ("psnr", "psnr_lo", "psnr_hi", "ssim", "psnr_step1", "ssim_step1")
 
 
 def headline(metrics: dict) -> dict:
-    """The numbers a sweep table shows: every method's and difference's headline fields, and collision AP."""
+    """The numbers a sweep table shows: every method's and difference's headline fields, the collision scores."""
     out = {}
     for key, value in metrics.items():
         if isinstance(value, dict) and "psnr" in value:
             out[key] = {k: value.get(k) for k in HEADLINE}
-    out["collision_ap"] = (metrics.get("collision") or {}).get("ap")
+    collision = metrics.get("collision") or {}
+    out["collision_ap"] = collision.get("ap")
+    out["collision"] = {k: collision.get(k) for k in ("ap", "f1", "event_recall", "best_f1", "best_f1_threshold")}
     return out
 
 
