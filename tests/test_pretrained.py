@@ -228,16 +228,25 @@ def test_a_cached_file_is_trusted_as_torch_hub_does(tmp_path, served, torch_home
     assert available(out, "flow", file).read_bytes() == b"not the weights"
 
 
-@pytest.mark.parametrize("hashed", [True, False], ids=["hashed-name", "name-without-hash"])
-def test_cut_transfer_is_retried_and_succeeds(tmp_path, torch_home, hashed):
-    file, data = weights_file(tmp_path / "src", "cut_test", seed=6, hashed=hashed)
-    server = cutting_server(data, cut_first=1)
+def provide_through_cuts(tmp_path, *, seed: int, hashed: bool, cut_first: int, log=_quiet):
+    """provide() one weights file from a mirror that cuts its first `cut_first` transfers, with 2 retries.
+
+    Returns (file, data, server, result, out dir)."""
+    file, data = weights_file(tmp_path / "src", "cut_test", seed=seed, hashed=hashed)
+    server = cutting_server(data, cut_first=cut_first)
+    out = tmp_path / "out"
     try:
-        out = tmp_path / "out"
-        logs: list[str] = []
-        res = provide([request_for(file)], out, download=True, mirror=server.url, retries=2, log=logs.append, **FAST)
+        res = provide([request_for(file)], out, download=True, mirror=server.url, retries=2, log=log, **FAST)
     finally:
         server.close()
+    return file, data, server, res, out
+
+
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashed-name", "name-without-hash"])
+def test_cut_transfer_is_retried_and_succeeds(tmp_path, torch_home, hashed):
+    logs: list[str] = []
+    file, data, server, res, out = provide_through_cuts(tmp_path, seed=6, hashed=hashed, cut_first=1,
+                                                        log=logs.append)
     assert len(server.gets) == 2
     assert res["run"]["fetched"] == [f"flow/{file}"]
     assert (hub_checkpoints(torch_home) / file).read_bytes() == data
@@ -247,13 +256,7 @@ def test_cut_transfer_is_retried_and_succeeds(tmp_path, torch_home, hashed):
 
 @pytest.mark.parametrize("hashed", [True, False], ids=["hashed-name", "name-without-hash"])
 def test_every_attempt_cut_is_missing_and_leaves_nothing(tmp_path, torch_home, hashed):
-    file, data = weights_file(tmp_path / "src", "cut_test", seed=7, hashed=hashed)
-    server = cutting_server(data, cut_first=100)
-    try:
-        out = tmp_path / "out"
-        res = provide([request_for(file)], out, download=True, mirror=server.url, retries=2, log=_quiet, **FAST)
-    finally:
-        server.close()
+    file, _, server, res, out = provide_through_cuts(tmp_path, seed=7, hashed=hashed, cut_first=100)
     assert len(server.gets) == 3  # 1 + retries
     entry = res["consumers"]["flow"]["weights"][0]
     assert entry["available"] is False and entry["sha256"] is None
