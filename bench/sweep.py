@@ -5,7 +5,7 @@
     python bench/sweep.py -S ttt.steps=5,20 --fix model.context=3 --base DIR   # DIR holds a trained temporal.pt
 
 Every combination of the listed values (a grid) is run in its own temporary directory: the stages from the
-first one its params reach (flow, train_vae, train_flow_vae, encode, train_temporal, infer, evaluate)
+first one its params reach (flow, train_vae, train_flow_vae, encode, train_temporal, infer, evaluate, control)
 are called in-process with `eval.split=val`, reading what they do not re-run from the base run (the
 workspace's last `dvc repro`: data/*.h5, models/*.pt; or --base DIR with the same layout). The test split
 is never read: `--split test` is refused, because a default chosen by looking at test numbers makes the
@@ -38,12 +38,14 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train_temporal": (("model", "loss", "train"), ("temporal",)),
     "infer": (("ttt", "eval"), ("predictions",)),
     "evaluate": (("eval",), ()),
+    "control": (("control", "eval"), ()),
 }
-DOWNSTREAM = {"flow": {"train_flow_vae", "encode", "train_temporal", "infer", "evaluate"},
-              "train_vae": {"encode", "train_temporal", "infer", "evaluate"},
-              "train_flow_vae": {"encode", "train_temporal", "infer", "evaluate"},
-              "encode": {"train_temporal", "infer", "evaluate"},
-              "train_temporal": {"infer", "evaluate"}, "infer": {"evaluate"}, "evaluate": set()}
+DOWNSTREAM = {"flow": {"train_flow_vae", "encode", "train_temporal", "infer", "evaluate", "control"},
+              "train_vae": {"encode", "train_temporal", "infer", "evaluate", "control"},
+              "train_flow_vae": {"encode", "train_temporal", "infer", "evaluate", "control"},
+              "encode": {"train_temporal", "infer", "evaluate", "control"},
+              "train_temporal": {"infer", "evaluate", "control"}, "infer": {"evaluate"}, "evaluate": set(),
+              "control": set()}
 BASE_FILES = {"frames": "data/frames.h5", "flow": "data/flow.h5", "latents": "data/latents.h5",
               "vae": "models/vae.pt", "flow_vae": "models/flow_vae.pt", "temporal": "models/temporal.pt"}
 
@@ -90,10 +92,11 @@ def set_key(raw: dict, key: str, value) -> None:
 
 
 def _stage_functions() -> dict[str, Callable]:
+    from pipeline.control import control, write_control_figures
     from pipeline.evaluation import evaluate
     from pipeline.flow.compute import compute_flow
     from pipeline.inference import infer
-    from pipeline.io import atomic_path, resolve_device
+    from pipeline.io import atomic_path, resolve_device, write_json
     from pipeline.temporal_training import train_temporal
     from pipeline.latents import encode_latents
     from pipeline.vae_training import train_flow_vae, train_vae
@@ -105,9 +108,15 @@ def _stage_functions() -> dict[str, Callable]:
     def encode(p):
         encode_latents(p.paths.frames, p.paths.flow, p.paths.vae, p.paths.flow_vae, p.paths.latents, device=p.device)
 
+    def control_stage(p):
+        report, figures = control(p)
+        write_control_figures(figures, p.paths.report_dir("control") / "figures", count=p.control.figures,
+                              context=p.eval.context)
+        write_json(p.paths.report_dir("control") / "metrics.json", report)
+
     return {"flow": flow, "train_vae": train_vae, "train_flow_vae": train_flow_vae, "encode": encode,
             "train_temporal": train_temporal, "infer": lambda p: infer(p, log=lambda s: None),
-            "evaluate": lambda p: evaluate(p, log=lambda s: None)}
+            "evaluate": lambda p: evaluate(p, log=lambda s: None), "control": control_stage}
 
 
 def run_variant(raw: dict, overrides: dict, *, base: Path, work: Path, split: str,

@@ -203,6 +203,7 @@ class Model:
     decode: Literal["delta", "direct"]  # latent archs' frames: last frame + D(z_hat) - D(z_last), or D(z_hat)
     warp_space: Literal["pixel", "latent"]  # warp_occ: warp the last real frame (pixel) or the latent (latent)
     mask: Literal["learned", "ones"]  # warp_occ: the occlusion mask, or fixed at 1 (the ablation)
+    dual_update: Literal["delta", "warp"]  # dual_vae: next appearance = last + delta, or last warped by the motion + delta
 
     def __post_init__(self):
         _check(self.hidden >= 1, "model.hidden", self.hidden, "must be >= 1")
@@ -295,6 +296,25 @@ class Eval:
 
 
 @dataclass(frozen=True)
+class Control:
+    pairs: int  # (A, B) pairs of eval.split videos: A = video i, B = video i + 1 of the first `pairs`
+    constant_flow: tuple[float, float]  # animate a still: constant motion (x right, y down), pixels per frame
+    probe_videos: int  # train videos whose windows fit the leakage probes
+    probe_ridge: float  # ridge penalty of the probes (standardised features)
+    chroma: float  # object pixels of the colour histograms: max - min of RGB above this
+    figures: int  # pairs drawn as strips and GIFs
+
+    def __post_init__(self):
+        _check(self.pairs >= 2, "control.pairs", self.pairs, "must be >= 2 (each video needs a partner)")
+        _check(all(math.isfinite(v) for v in self.constant_flow), "control.constant_flow", list(self.constant_flow),
+               "must be two finite numbers [dx, dy]")
+        _check(self.probe_videos >= 1, "control.probe_videos", self.probe_videos, "must be >= 1")
+        _check(self.probe_ridge >= 0, "control.probe_ridge", self.probe_ridge, "must be >= 0")
+        _check(0.0 <= self.chroma < 1.0, "control.chroma", self.chroma, "must be in [0, 1)")
+        _check(self.figures >= 0, "control.figures", self.figures, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class Weights:
     download: bool  # fetch pretrained weights missing from the torch hub cache (the pretrained stage)
     url: str  # a mirror base for them (http(s):// or file://); "" = torchvision's own URLs
@@ -319,6 +339,7 @@ class Params:
     train: Train
     ttt: TTT
     eval: Eval
+    control: Control
 
     def __post_init__(self):
         _check(getattr(self.data.videos, self.eval.split) > 0, "eval.split", self.eval.split,

@@ -16,7 +16,7 @@ from torch import Tensor
 from pipeline.pretrained import hub_path, torchvision_weights
 
 __all__ = [
-    "psnr", "ssim", "gaussian_window", "LPIPSUnavailable", "lpips_backbone_path", "load_lpips",
+    "psnr", "ssim", "ssim_map", "region_psnr", "region_ssim", "hue_histogram", "histogram_distance", "gaussian_window", "LPIPSUnavailable", "lpips_backbone_path", "load_lpips",
     "lpips_distance", "average_precision", "f1_score", "best_f1", "event_recall", "confusion_scores", "finite_mean", "PSNR_MAX_DB",
 ]
 
@@ -60,6 +60,19 @@ def ssim(pred: Tensor, target: Tensor, *, data_range: float = 1.0, sigma: float 
     reflect-padded filter never reaches the padding, so a 'valid' convolution gives the same numbers.
     The per-channel means are averaged, as skimage does with channel_axis.
     """
+    s = _ssim_channels(pred, target, data_range=data_range, sigma=sigma, k1=k1, k2=k2)  # [...,C,h,w]
+    return s.mean(dim=(-2, -1)).mean(dim=-1).to(torch.float32)  # [...]
+
+
+def ssim_map(pred: Tensor, target: Tensor, *, data_range: float = 1.0, sigma: float = 1.5) -> Tensor:
+    """The SSIM map behind `ssim`, averaged over channels: [..., C, H, W] -> [..., H-2r, W-2r] (r = 5, the
+    Gaussian radius cropped from each border), for scores over a region (e.g. a static background mask)."""
+    return _ssim_channels(pred, target, data_range=data_range, sigma=sigma).mean(dim=-3).to(torch.float32)
+
+
+def _ssim_channels(pred: Tensor, target: Tensor, *, data_range: float, sigma: float, k1: float = 0.01,
+                   k2: float = 0.03) -> Tensor:
+    """Per-channel SSIM maps on the valid crop, float64: [..., C, H, W] -> [..., C, H-K+1, W-K+1]."""
     _check_pair(pred, target)
     lead, (C, H, W) = pred.shape[:-3], pred.shape[-3:]
     win = gaussian_window(sigma, dtype=torch.float64, device=pred.device)  # [K]
@@ -78,8 +91,61 @@ def ssim(pred: Tensor, target: Tensor, *, data_range: float = 1.0, sigma: float 
     vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))  # [B*C,h,w]
-    per_channel = s.mean(dim=(-2, -1)).reshape(*lead, C)  # [..., C]
-    return per_channel.mean(dim=-1).to(torch.float32)  # [...]
+    return s.reshape(*lead, C, H - K + 1, W - K + 1)
+
+
+def region_psnr(pred: Tensor, target: Tensor, mask: Tensor, *, data_range: float = 1.0) -> Tensor:
+    """PSNR over the pixels where `mask` is true: [..., C, H, W] with mask [..., H, W] -> [...]; NaN where it is empty."""
+    _check_pair(pred, target)
+    if mask.shape != pred.shape[:-3] + pred.shape[-2:]:
+        raise ValueError(f"mask must be {tuple(pred.shape[:-3] + pred.shape[-2:])} for images {tuple(pred.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    m = mask.to(torch.float64)[..., None, :, :]  # [...,1,H,W]
+    sq = (pred.to(torch.float64) - target.to(torch.float64)).square() * m
+    count = m.sum(dim=(-3, -2, -1)) * pred.shape[-3]
+    mse = sq.sum(dim=(-3, -2, -1)) / count  # NaN where count is 0
+    floor = data_range ** 2 * 10.0 ** (-PSNR_MAX_DB / 10.0)
+    return (10.0 * torch.log10(data_range ** 2 / mse.clamp_min(floor))).to(torch.float32)
+
+
+def region_ssim(pred: Tensor, target: Tensor, mask: Tensor, *, data_range: float = 1.0) -> Tensor:
+    """SSIM map averaged over the pixels where `mask` is true (inside the map's border crop): [..., C, H, W],
+    mask [..., H, W] -> [...]; NaN where the cropped mask is empty."""
+    smap = ssim_map(pred, target, data_range=data_range).to(torch.float64)  # [...,h,w]
+    if mask.shape != pred.shape[:-3] + pred.shape[-2:]:
+        raise ValueError(f"mask must be {tuple(pred.shape[:-3] + pred.shape[-2:])} for images {tuple(pred.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    r = (mask.shape[-2] - smap.shape[-2]) // 2
+    m = mask[..., r:mask.shape[-2] - r, r:mask.shape[-1] - r].to(torch.float64)
+    return ((smap * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))).to(torch.float32)
+
+
+def hue_histogram(frames: Tensor, *, chroma: float, bins: int = 12) -> Tensor:
+    """Counts of hue over the coloured pixels (max - min of RGB > chroma: CLEVRER's gray floor is left out):
+    frames [..., 3, H, W] in [0,1] -> [..., bins]."""
+    if frames.dim() < 3 or frames.shape[-3] != 3:
+        raise ValueError(f"hue_histogram expects RGB frames [..., 3, H, W], got {tuple(frames.shape)}")
+    x = frames.to(torch.float64)
+    r, g, b = x.unbind(-3)
+    hi, lo = x.max(dim=-3).values, x.min(dim=-3).values
+    c = (hi - lo).clamp_min(1e-12)
+    hue = torch.where(hi == r, ((g - b) / c) % 6.0, torch.where(hi == g, (b - r) / c + 2.0, (r - g) / c + 4.0)) / 6.0
+    index = (hue * bins).long().clamp(0, bins - 1)  # [...,H,W]
+    coloured = ((hi - lo) > chroma).to(torch.float64)
+    counts = torch.zeros(*index.shape[:-2], bins, dtype=torch.float64, device=frames.device)
+    return counts.scatter_add_(-1, index.flatten(-2), coloured.flatten(-2))
+
+
+def histogram_distance(p: Tensor, q: Tensor) -> Tensor:
+    """Total variation between histograms [..., bins] after normalising each: 0 = same, 1 = disjoint;
+    two empty histograms are 0 apart, an empty and a non-empty one 1."""
+    if p.shape != q.shape:
+        raise ValueError(f"histograms must have one shape, got {tuple(p.shape)} and {tuple(q.shape)}")
+    sp, sq = p.sum(-1, keepdim=True), q.sum(-1, keepdim=True)
+    tv = 0.5 * (p / sp.clamp_min(1e-12) - q / sq.clamp_min(1e-12)).abs().sum(-1)
+    empty_p, empty_q = sp[..., 0] == 0, sq[..., 0] == 0
+    tv = torch.where(empty_p & empty_q, torch.zeros_like(tv), tv)
+    return torch.where(empty_p ^ empty_q, torch.ones_like(tv), tv).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- LPIPS

@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.io import atomic_path, open_h5  # noqa: E402
 
-__all__ = ["plot_curves", "strip_image", "write_figures"]
+__all__ = ["plot_curves", "strip_image", "write_figures", "side_by_side_gif", "labelled_strip"]
 
 LABELS = {"psnr": "PSNR (dB, higher is better)", "ssim": "SSIM (higher is better)",
           "lpips": "LPIPS (lower is better)"}
@@ -128,14 +128,36 @@ def write_figures(pred_h5: str | Path, frames_h5: str | Path, out_dir: str | Pat
 
 
 def _write_gif(path: Path, video: np.ndarray, preds: dict[str, np.ndarray], context: int, scale: int = 2) -> None:
-    """Side-by-side animation truth | method... ; a green frame border on context frames, red on predictions."""
-    panels = []
-    for t in range(video.shape[0]):
-        tiles = [video[t]] + [video[t] if t < context else p[t - context] for p in preds.values()]
+    """Side-by-side animation truth | method... (predictions follow the true context)."""
+    panels = [video] + [np.concatenate([video[:context], p]) for p in preds.values()]
+    side_by_side_gif(path, panels, context=context, scale=scale)
+
+
+def side_by_side_gif(path: Path, panels: list[np.ndarray], *, context: int, scale: int = 2) -> None:
+    """Animation of videos side by side (each uint8 [T,H,W,3]); a green border on context frames, red after."""
+    frames = []
+    for t in range(panels[0].shape[0]):
         color = (40, 180, 40) if t < context else (200, 40, 40)
-        tiles = [np.pad(x, ((2, 2), (2, 2), (0, 0)), constant_values=0) for x in tiles]
+        tiles = [np.pad(p[t], ((2, 2), (2, 2), (0, 0)), constant_values=0) for p in panels]
         for x in tiles:
             x[:2], x[-2:], x[:, :2], x[:, -2:] = color, color, color, color
-        frame = np.concatenate(tiles, axis=1).repeat(scale, 0).repeat(scale, 1)
-        panels.append(Image.fromarray(frame))
-    panels[0].save(path, format="GIF", save_all=True, append_images=panels[1:], duration=200, loop=0)
+        frames.append(Image.fromarray(np.concatenate(tiles, axis=1).repeat(scale, 0).repeat(scale, 1)))
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
+
+
+def labelled_strip(rows: dict[str, np.ndarray], path: Path, *, context: int, title: str, gap: int = 2) -> None:
+    """PNG of one labelled row per video (uint8 [T,H,W,3] each), a wider gap after the first `context` frames."""
+    T, H, W, _ = next(iter(rows.values())).shape
+    grid = np.full((len(rows) * (H + gap) - gap, T * (W + gap) + gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows.values()):
+        for c in range(T):
+            x = c * (W + gap) + (2 * gap if c >= context else 0)
+            grid[r * (H + gap):r * (H + gap) + H, x:x + W] = row[c]
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 40 + 1.8, grid.shape[0] / 40 + 0.6), dpi=100)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_yticks([r * (H + gap) + H / 2 for r in range(len(rows))], list(rows), fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -22,7 +22,7 @@ def test_sweep_refuses_the_test_split_as_a_call(tmp_path):
 
 def test_sweep_runs_only_what_a_change_reaches_and_parses_values_as_params_yaml_would():
     assert stages_to_run(["ttt.steps"]) == ["infer", "evaluate"]
-    assert stages_to_run(["model.mask"]) == ["train_temporal", "infer", "evaluate"]
+    assert stages_to_run(["model.mask"]) == ["train_temporal", "infer", "evaluate", "control"]
     grid = parse_grid(["ttt.lr=1e-3,0.01", "ttt.loss=warp", "ttt.enabled=false", "ttt.steps=5"])
     assert grid == {"ttt.lr": [0.001, 0.01], "ttt.loss": ["warp"], "ttt.enabled": [False], "ttt.steps": [5]}
     assert isinstance(grid["ttt.steps"][0], int)

@@ -43,6 +43,8 @@ def test_bad_arch_lists_the_five():
     ({"flow_vae": {"downsample": 3}}, r"flow_vae.downsample=3"),
     ({"vae": {"steps": 0}}, r"vae.steps=0"),
     ({"eval": {"split": "val"}, "data": {"videos": {"val": 0}}}, r"eval.split='val'.*data.videos.val is 0"),
+    ({"control": {"pairs": 1}}, r"control.pairs=1.*partner"),
+    ({"control": {"constant_flow": [1.0]}}, r"control.constant_flow.*expected 2 values"),
 ])
 def test_bad_values(change, message):
     raw = override(tiny_params_dict(), change)

@@ -17,7 +17,7 @@ from helpers import tiny_params_dict
 pytestmark = pytest.mark.slow
 
 STAGES = ["pretrained", "download", "extract", "flow", "train_vae", "train_flow_vae", "encode", "train_temporal",
-          "infer", "evaluate"]
+          "infer", "evaluate", "control"]
 UPSTREAM = ["download", "extract", "flow", "train_vae", "train_flow_vae", "encode"]
 ARCHS = ["clip_lstm", "latent", "latent_flow", "warp_occ", "dual_vae"]
 
@@ -67,6 +67,8 @@ def test_repro_runs_every_stage_then_is_cached(project):
     for method in ("model", "copy_last", "flow_extrap", "flow_advect", "vae_recon"):
         assert set(metrics[method]) >= {"psnr", "ssim", "lpips", "psnr_step1", "ssim_step1"}
     assert metrics["arch"] == "warp_occ" and "collision" in metrics
+    control = json.loads((root / "reports/control/metrics.json").read_text())
+    assert control["applies"] is False and "dual_vae" in control["reason"]  # the stage runs, says why it is idle
     flow_report = json.loads((root / "reports/flow/metrics.json").read_text())
     assert flow_report["backend_used"] == "dis"
     again = run([sys.executable, "-m", "dvc", "repro"], root, env)
@@ -85,8 +87,15 @@ def test_exp_run_reruns_only_temporal_and_after(project, arch):
     run(["git", "commit", "-qm", f"before {arch}", "--allow-empty"], root, env)
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"model.arch={arch}"], root, env)
     # pretrained re-checks the weights model.arch needs (seconds); from the data only what follows the model runs
-    assert ran_stages(out) - {"pretrained"} == {"train_temporal", "infer", "evaluate"}, out[-3000:]
+    assert ran_stages(out) - {"pretrained"} == {"train_temporal", "infer", "evaluate", "control"}, out[-3000:]
     assert all(f"Stage '{stage}' didn't change" in out for stage in UPSTREAM), out[-3000:]
+    control = json.loads((root / "reports/control/metrics.json").read_text())
+    assert control["applies"] is (arch == "dual_vae"), control
+    if arch == "dual_vae":  # motion transfer, animating a still and the leakage probes ran on the trained model
+        assert set(control["methods"]) >= {"transfer", "still", "constant", "copy_b", "zero_flow"}
+        assert set(control["leakage"]["predicted"]) == {"flow_from_appearance", "colour_from_motion",
+                                                        "flow_from_motion", "colour_from_appearance"}
+        assert sorted(f.suffix for f in (root / "reports/control/figures").iterdir()) == [".gif", ".png"]
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--md", "--no-pager"], root, env)
     assert arch in shown
 

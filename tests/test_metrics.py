@@ -7,8 +7,9 @@ import torch
 import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pipeline.metrics import (PSNR_MAX_DB, LPIPSUnavailable, average_precision, f1_score, load_lpips,
-                              lpips_backbone_path, lpips_distance, psnr, ssim)
+from pipeline.metrics import (PSNR_MAX_DB, LPIPSUnavailable, average_precision, f1_score, histogram_distance,
+                              hue_histogram, load_lpips, lpips_backbone_path, lpips_distance, psnr, region_psnr,
+                              region_ssim, ssim, ssim_map)
 
 
 def skimage_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -127,3 +128,33 @@ def test_f1_known_cases():
     assert f1_score([0.5], [1], threshold=0.5) == 1.0  # the threshold itself counts as positive
     assert f1_score([0.1, 0.2], [0, 0], threshold=0.5) is None
     assert f1_score([0.9, 0.2], [0, 0], threshold=0.5) == 0.0
+
+
+def test_region_scores_read_only_the_masked_pixels():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 24, 24, generator=g)
+    b = a.clone()
+    b[:, :, :, 12:] = torch.rand(2, 3, 24, 12, generator=g)  # the right half differs
+    left = torch.zeros(2, 24, 24, dtype=torch.bool)
+    left[:, :, :6] = True  # far enough from the right half for the 11x11 SSIM window
+    assert torch.allclose(region_psnr(a, b, left), torch.full((2,), PSNR_MAX_DB))
+    assert torch.allclose(region_ssim(a, b, left), torch.ones(2))
+    everywhere = torch.ones(2, 24, 24, dtype=torch.bool)
+    assert torch.allclose(region_psnr(a, b, everywhere), psnr(a, b))
+    assert torch.allclose(region_ssim(a, b, everywhere), ssim(a, b), atol=1e-6)
+    assert ssim_map(a, b).shape == (2, 14, 14)
+    assert torch.isnan(region_psnr(a, b, torch.zeros_like(left))).all()
+    with pytest.raises(ValueError, match="mask must be"):
+        region_psnr(a, b, left[:, :5])
+
+
+def test_hue_histogram_counts_coloured_pixels_by_hue():
+    red, blue, gray = (torch.tensor(c).view(3, 1, 1).expand(3, 4, 4) for c in
+                       ([0.9, 0.1, 0.1], [0.1, 0.1, 0.9], [0.5, 0.52, 0.5]))
+    frame = torch.cat([red, blue, gray], dim=-1)  # [3,4,12]: 16 red, 16 blue, 16 gray pixels
+    h = hue_histogram(frame, chroma=0.1, bins=6)
+    assert h.tolist() == [16.0, 0.0, 0.0, 0.0, 16.0, 0.0]  # gray left out; red hue 0, blue 2/3
+    assert float(histogram_distance(h, hue_histogram(red, chroma=0.1, bins=6))) == pytest.approx(0.5)
+    assert float(histogram_distance(h, 3 * h)) == pytest.approx(0.0)  # normalised: only the shape counts
+    empty = hue_histogram(gray, chroma=0.1, bins=6)
+    assert float(histogram_distance(empty, empty)) == 0.0 and float(histogram_distance(empty, h)) == 1.0

@@ -441,3 +441,38 @@ def test_latent_frames_composition(tiny_params, decode):
         expected = last if decode == "delta" else model.vae.decode(ctx["z"][:, -1]).clamp(0, 1)
     assert torch.allclose(frames[:, 0], expected, atol=1e-5)
     assert torch.allclose(frames[:, 1], expected, atol=1e-5)
+
+
+def test_dual_vae_warp_update_carries_the_appearance_by_its_motion(tiny_params):
+    """model.dual_update=warp: untrained (zero-initialised heads), the next appearance latent is the last one
+    warped by the decoded last motion latent, exactly; it trains like the delta update."""
+    from pipeline.flow.ops import resize_flow, warp
+
+    p = tiny_params
+    model = make_model(p, "dual_vae", dual_update="warp")
+    batch = make_batch(p)
+    c = p.model.context
+    z, zf = batch["z"][:, :c], batch["zf"][:, :c - 1]
+    with torch.no_grad():
+        out = model.step(z, zf)
+        flow = resize_flow(model.flow_vae.decode(zf[:, -1]), tuple(z.shape[-2:]))
+        assert torch.allclose(out["z"], warp(z[:, -1], flow), atol=1e-6)
+        assert not torch.allclose(out["z"], z[:, -1], atol=1e-3)  # the motion did move it
+    terms = model.loss(batch, model(batch))
+    assert all(torch.isfinite(v) for v in terms.values())
+    terms["total"].backward()
+
+
+@pytest.mark.parametrize("update", ["delta", "warp"])
+def test_dual_vae_rollout_is_rollout_from_on_one_video(tiny_params, update):
+    p = tiny_params
+    model = make_model(p, "dual_vae", dual_update=update).eval()
+    batch = make_batch(p, length=p.eval.context)
+    c = p.model.context
+    with torch.no_grad():
+        a = model.rollout(context_only(batch, p.eval.context), 3)
+        frames = batch["frames"]
+        b = model.rollout_from(model.encode_appearance(frames[:, -c:]), model.encode_motion(batch["flow_bwd"][:, -(c - 1):]),
+                               last_frame=frames[:, -1], horizon=3)
+    assert torch.allclose(a["frames"], b["frames"], atol=1e-6)
+    assert model.decode_motion(b["zf"]).shape == (2, 3, 2, *p.data.resolution)

@@ -302,9 +302,10 @@ def build_backend(flow: Flow, device: torch.device) -> tuple[FlowBackend, Backen
                 f"{flow.num_updates} iterations)")
     path = hub_path(variant)
     if not path.is_file():
-        reason = (f"pretrained {variant} weights not found at {path} (no network download is attempted); "
-                  f"run the pretrained stage with weights.download: true, or put torchvision's "
-                  f"{torchvision_weights(variant).url} in the torch hub cache and re-run dvc repro")
+        reason = (f"pretrained {variant} weights not found at {path}; the pretrained stage provides them "
+                  f"(its manifest says why it could not: no network, weights.download: false, a bad mirror); "
+                  f"give it network access or a weights.url mirror, or put torchvision's "
+                  f"{torchvision_weights(variant).url} in the torch hub cache, and re-run dvc repro")
         return _fallback(flow, device, flow.backend, reason, num_updates=None, note=note)
     try:
         backend = RAFTBackend(device, variant=variant, weights_file=path, num_updates=num_updates)

@@ -3,7 +3,9 @@
 Input: the c context frame latents z and the c-1 flow latents zf between them (zf[t] encodes the
 backward flow t+1 -> t), concatenated on channels. A U-Net at latent resolution feeds a motion head
 (next motion latent zf_t = zf_{t-1} + delta) and an appearance head that also reads the predicted
-motion latent (z_{t+1} = z_t + delta). Both start as copy-last.
+motion latent (z_{t+1} = z_t + delta; with `model.dual_update: warp`, z_t warped by the decoded motion + delta,
+so the appearance moves as the motion latent says by construction). Untrained, the motion latent is the last
+one and the appearance the last one (delta) or the last one warped by the last motion (warp).
 Losses: latent L1 on both latents; disentanglement terms: the frame decoded from the appearance
 latent alone (frame VAE) vs frame t+1, the flow decoded from the motion latent alone (flow VAE)
 vs the true flow (EPE); collision focal (+ state L1).
@@ -15,7 +17,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from pipeline.flow.ops import warp
+from pipeline.flow.ops import resize_flow, warp
 from pipeline.losses import flow_epe, l1
 from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, unet_depth, zero_init_
 from pipeline.clips import stack_frames, stack_windows, window_indices
@@ -55,11 +57,7 @@ class DualVAE(LatentIO, TemporalModel):
         if "zf" in batch:
             zf = batch["zf"]
         elif "flow_bwd" in batch:
-            flow = batch["flow_bwd"] if last is None else batch["flow_bwd"][:, -last:]
-            B, n = flow.shape[:2]
-            with torch.no_grad():
-                mu, _ = self.flow_vae.encode(flow.flatten(0, 1))
-            zf = mu.view(B, n, *mu.shape[1:])
+            zf = self.encode_motion(batch["flow_bwd"] if last is None else batch["flow_bwd"][:, -last:])
         else:
             raise KeyError(f"dual_vae needs the context flow: batch key 'zf' or 'flow_bwd'; it has {sorted(batch)}")
         if zf.shape[1] != batch["frames"].shape[1] - 1 and last is None:
@@ -77,7 +75,11 @@ class DualVAE(LatentIO, TemporalModel):
                              f"{tuple(zf_win.shape)}")
         feats = self.trunk(torch.cat([z_win.flatten(1, 2), zf_win.flatten(1, 2)], dim=1))  # [B,hid,h,w]
         zf_next = zf_win[:, -1] + self.motion_head(feats)  # [B,Cf,h,w]
-        z_next = z_win[:, -1] + self.appearance_head(torch.cat([feats, zf_next, z_win[:, -1]], dim=1))
+        base = z_win[:, -1]  # [B,C,h,w]
+        if self.model_cfg.dual_update == "warp":  # carry the appearance by the motion it is told, then correct
+            flow = self.flow_vae.decode(zf_next)  # [B,2,H,W] pixels, backward (next -> last)
+            base = warp(base, resize_flow(flow, tuple(base.shape[-2:])))
+        z_next = base + self.appearance_head(torch.cat([feats, zf_next, base], dim=1))
         out = {"z": z_next, "zf": zf_next, "collision": self.collision_head(feats)}
         if self.state_head is not None:
             out["boxes"] = self.state_head(feats)
@@ -94,7 +96,7 @@ class DualVAE(LatentIO, TemporalModel):
         c, R = self.context, out["z"].shape[1]
         zf_true = self._motion_latents(batch)[:, c - 1:c - 1 + R]
         flow_true = batch["flow_bwd"][:, c - 1:c - 1 + R]  # [B,R,2,H,W] pixels
-        flow_pred = self.flow_vae.decode(out["zf"].flatten(0, 1)).view(flow_true.shape)
+        flow_pred = self.decode_motion(out["zf"])  # [B,R,2,H,W]
         terms = {
             "latent": l1(out["z"], self._latents(batch)[:, c:c + R]),
             "motion_latent": l1(out["zf"], zf_true),
@@ -108,10 +110,38 @@ class DualVAE(LatentIO, TemporalModel):
         """From the last `context` frames (and the flows between them) predict `horizon` frames in [0,1]."""
         self._check_rollout(batch, horizon)
         c = self.context
-        z_ctx = self._latents(batch, last=c)  # [B,c,C,h,w]
-        out = unroll(self.step, [z_ctx, self._motion_latents(batch, last=c - 1)], ["z", "zf"], horizon)
-        out["frames"] = self._to_frames(out["z"], batch["frames"][:, -1], z_ctx[:, -1])  # [B,horizon,3,H,W]
+        return self.rollout_from(self._latents(batch, last=c), self._motion_latents(batch, last=c - 1),
+                                 last_frame=batch["frames"][:, -1], horizon=horizon)
+
+    # ---- control: appearance and motion from different sources (pipeline.control) -----------
+    def rollout_from(self, z_ctx: Tensor, zf_ctx: Tensor, *, last_frame: Tensor, horizon: int) -> dict[str, Tensor]:
+        """Roll out from an appearance window z_ctx [B,c,C,h,w] and a motion window zf_ctx [B,c-1,Cf,h,w].
+
+        The two windows may come from different videos (motion transfer) or z_ctx may repeat one still frame;
+        last_frame [B,3,H,W] is the real frame behind z_ctx[:, -1] (model.decode delta adds its detail back).
+        Returns z [B,horizon,C,h,w], zf [B,horizon,Cf,h,w], frames [B,horizon,3,H,W], collision [B,horizon].
+        """
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        out = unroll(self.step, [z_ctx, zf_ctx], ["z", "zf"], horizon)
+        out["frames"] = self._to_frames(out["z"], last_frame, z_ctx[:, -1])  # [B,horizon,3,H,W]
         return out
+
+    def encode_appearance(self, frames: Tensor) -> Tensor:
+        """Frames [B,T,3,H,W] in [0,1] -> appearance latents [B,T,C,h,w] (frame VAE means)."""
+        return self._latents({"frames": frames})
+
+    def encode_motion(self, flow_bwd: Tensor) -> Tensor:
+        """Backward flows [B,T-1,2,H,W] (pixels) -> motion latents [B,T-1,Cf,h,w] (flow VAE means)."""
+        B, n = flow_bwd.shape[:2]
+        with torch.no_grad():
+            mu, _ = self.flow_vae.encode(flow_bwd.flatten(0, 1))
+        return mu.view(B, n, *mu.shape[1:])
+
+    def decode_motion(self, zf: Tensor) -> Tensor:
+        """Motion latents [B,n,Cf,h,w] -> backward flows [B,n,2,H,W] in pixels (flow VAE decoder)."""
+        flow = self.flow_vae.decode(zf.flatten(0, 1))
+        return flow.view(*zf.shape[:2], *flow.shape[1:])
 
     def _ttt_flow_head(self) -> nn.Module:
         return self.motion_head
