@@ -196,3 +196,12 @@ def test_pairs_and_summary():
 def test_other_archs_get_a_report_saying_control_does_not_apply():
     report = not_applicable("warp_occ")
     assert report["applies"] is False and "dual_vae" in report["reason"]
+
+
+def test_the_same_inputs_give_the_same_report(transfer_videos, dis):
+    """The control report is a pure function of its inputs (DVC caches it): two runs, identical JSON."""
+    import json
+
+    runs = [run_control(SeparableModel(), videos=transfer_videos, train_windows=_probe_data(0),
+                        test_windows=_probe_data(1), flow_fn=dis, settings=_settings())[0] for _ in range(2)]
+    assert json.dumps(runs[0], sort_keys=True) == json.dumps(runs[1], sort_keys=True)

@@ -118,7 +118,7 @@ class DualVAE(LatentIO, TemporalModel):
         """Roll out from an appearance window z_ctx [B,c,C,h,w] and a motion window zf_ctx [B,c-1,Cf,h,w].
 
         The two windows may come from different videos (motion transfer) or z_ctx may repeat one still frame;
-        last_frame [B,3,H,W] is the real frame behind z_ctx[:, -1] (model.decode delta adds its detail back).
+        last_frame [B,3,H,W] is the real frame behind z_ctx[:, -1] (model.decode=delta adds its detail back).
         Returns z [B,horizon,C,h,w], zf [B,horizon,Cf,h,w], frames [B,horizon,3,H,W], collision [B,horizon].
         """
         if horizon < 1:
