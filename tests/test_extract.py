@@ -180,3 +180,20 @@ def test_encode_is_lossless_so_decoding_is_reproducible(tmp_path):
     for i in range(12):
         encode_video(tmp_path / f"{i}.mp4", frames)
         np.testing.assert_array_equal(decode_video(tmp_path / f"{i}.mp4"), yuv420)
+
+
+def test_extract_workers_start_clean_in_a_process_that_ran_the_flow_backend():
+    """Workers forked from a process that had run the DIS backend over control rollouts hung forever (the suite
+    hung this way: test_control, then this file's 2-worker extract); extract spawns them. The same sequence runs
+    in a subprocess, so a regression fails on the timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    tests = ["tests/test_control.py::test_constant_flow_animates_the_still",
+             "tests/test_extract.py::test_extract_schema[2]"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "2 passed" in result.stdout

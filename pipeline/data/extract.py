@@ -184,8 +184,9 @@ def extract(raw: str | Path, out_h5: str | Path, *, data: Data) -> dict:
     start = time.perf_counter()
     bad: list[dict] = []
     counts: dict[str, int] = {}
-    # workers only decode and resize (numpy, cv2, PyAV): forking them is safe and starts fast
-    pool = mp.get_context("fork").Pool(data.workers, initializer=_init_worker) if data.workers > 1 else None
+    # spawned, not forked: a fork inherits the caller's OpenCV / OpenMP thread pools with their locks held, and
+    # a worker that then calls cv2 waits forever (seen when extract ran in a process that had used cv2's DIS)
+    pool = mp.get_context("spawn").Pool(data.workers, initializer=_init_worker) if data.workers > 1 else None
     results = pool.imap if pool else map
     with pool or contextlib.nullcontext(), atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as f, \
             tqdm(total=total, desc="extract") as bar:
