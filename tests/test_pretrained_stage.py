@@ -75,13 +75,14 @@ def test_weights_that_appear_rerun_exactly_their_consumers(project):
     assert ran(out) == {"pretrained"}
     status = dvc(["status"], root, env)
     stale = set(re.findall(r"^(\w+):", status, flags=re.M)) - {"pretrained"}  # pretrained: always changed
-    # DVC lists the stages whose own deps changed: the consumers of the new weights
-    assert stale == {"flow", "evaluate"}, status
+    # DVC lists the stages whose own deps changed: the consumers of the new weights (control measures motion with
+    # the flow stage's backend, so it reads RAFT's too)
+    assert stale == {"flow", "evaluate", "control"}, status
     assert "models/pretrained/flow" in status and "models/pretrained/lpips" in status, status
 
     out = dvc(["repro"], root, env)
     # new flow: everything after flow re-runs; the stages before it and the VAE on frames do not
-    assert {"flow", "train_flow_vae", "encode", "train_temporal", "infer", "evaluate"} <= ran(out), out
+    assert {"flow", "train_flow_vae", "encode", "train_temporal", "infer", "evaluate", "control"} <= ran(out), out
     assert not ran(out) & {"download", "extract", "train_vae"}, out
     flow = json.loads((root / "reports/flow/metrics.json").read_text())
     assert flow["backend_used"] == "raft_small" and flow["fallback"] == 0
