@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from pipeline.flow.ops import compose_backward, warp
 from pipeline.losses import epe_map
 from pipeline.metrics import histogram_distance, hue_histogram, region_psnr, region_ssim
+from pipeline.predictions import to_uint8
 from pipeline.probes import cell_features, cell_targets, explained_variance, fit_probe
 from pipeline.stats import bootstrap_mean, resample_indices
 
@@ -137,11 +138,6 @@ def _device(model: nn.Module) -> torch.device:
     """Where the model's weights live (the CPU for a model without any)."""
     first = next(iter(model.parameters()), None)
     return first.device if first is not None else torch.device("cpu")
-
-
-def to_uint8(frames: Tensor) -> np.ndarray:
-    """Frames [...,3,H,W] in [0,1] -> uint8 [...,H,W,3] (the stored frames' quantisation)."""
-    return (frames.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
 def video_flow(backend: Callable, videos: np.ndarray) -> Tensor:
@@ -364,12 +360,12 @@ def _write_pairs(figures: dict, out_dir: Path, *, count: int, context: int) -> N
 
     ids = figures["ids"]
     for i in range(min(count, figures["a"].shape[0])):
-        a, b = to_uint8(figures["a"][i]), to_uint8(figures["b"][i])  # [C+n,H,W,3]
+        a, b = to_uint8(figures["a"][i:i + 1])[0], to_uint8(figures["b"][i:i + 1])[0]  # [C+n,H,W,3]
         rows = {"A (appearance)": a, "B (motion)": b}
         for mode in MODES:
             rows[mode] = np.concatenate([a[:context] if mode == "transfer" else
                                          np.repeat(a[context - 1:context], context, 0),
-                                         to_uint8(figures[mode][i])])
+                                         to_uint8(figures[mode][i:i + 1])[0]])
         name = f"pair_{ids[i][0]:05d}_{ids[i][1]:05d}"
         labelled_strip(rows, out_dir / f"{name}.png", context=context,
                        title=f"{name}: appearance of A, motion of B ({context} context | predicted)")
