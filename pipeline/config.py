@@ -203,6 +203,7 @@ class Model:
     decode: Literal["delta", "direct"]  # latent archs' frames: last frame + D(z_hat) - D(z_last), or D(z_hat)
     warp_space: Literal["pixel", "latent"]  # warp_occ: warp the last real frame (pixel) or the latent (latent)
     mask: Literal["learned", "ones"]  # warp_occ: the occlusion mask, or fixed at 1 (the ablation)
+    fill: Literal["none", "extrap"]  # warp_occ (pixel): what shows where the mask is 0: nothing, or the fixed-field re-warp
     dual_update: Literal["delta", "warp"]  # dual_vae: next appearance = last + delta, or last warped by the motion + delta
 
     def __post_init__(self):

@@ -313,20 +313,47 @@ def test_warp_occ_pixel_starts_as_flow_advect(tiny_params):
     assert (ours - plain).abs().mean() < 0.01
 
 
-def test_warp_occ_pixel_composes_warp_mask_and_residual(tiny_params):
+@pytest.mark.parametrize("fill", ["none", "extrap"])
+def test_warp_occ_pixel_composes_warp_mask_and_residual(tiny_params, fill):
     p = tiny_params
-    model = make_model(p, "warp_occ")
+    model = make_model(p, "warp_occ", fill=fill)
     torch.manual_seed(0)
     with torch.no_grad():
         for q in model.parameters():
             q.add_(0.05 * torch.randn_like(q))
     out = model(make_batch(p))
-    residual = out["frame"] - out["warped"] * torch.sigmoid(out["mask_logit"])
-    ablated = make_model(p, "warp_occ", mask="ones")
+    mask = torch.sigmoid(out["mask_logit"])
+    ablated = make_model(p, "warp_occ", mask="ones", fill=fill)
     ablated.load_state_dict(model.state_dict())
     out_ones = ablated(make_batch(p))
-    # the same residual, added to the unmasked warp when the mask is fixed at 1
-    assert torch.allclose(out_ones["frame"], out_ones["warped"] + residual, atol=1e-5)
+    residual = out_ones["frame"] - out_ones["warped"]  # the mask fixed at 1: warp + residual, the fill unseen
+    if fill == "none":
+        assert torch.allclose(out["frame"], out["warped"] * mask + residual, atol=1e-5)
+    else:
+        # the fill is the context's last frame re-warped k times by the velocity held in place
+        assert torch.allclose(out["frame"], out["warped"] * mask + out["fill"] * (1 - mask) + residual, atol=1e-5)
+        assert not torch.allclose(out["fill"], out["warped"], atol=1e-3)
+
+
+def test_warp_occ_pixel_fill_is_flow_extrap_where_the_mask_is_zero(tiny_params):
+    """model.fill=extrap: with the mask at 0, the observed motion kept whole and no residual, the rollout is the
+    flow_extrap baseline (the last frame re-warped by the field held in place); with the mask at its initial ~1
+    it is the fill=none model."""
+    from pipeline.baselines import flow_extrapolation
+
+    p = tiny_params
+    c = p.model.context
+    ctx = context_only(make_batch(p, length=c + 1), c)
+    plain = make_model(p, "warp_occ", fill="none").eval()
+    filled = make_model(p, "warp_occ", fill="extrap").eval()
+    with torch.no_grad():
+        near = (filled.rollout(ctx, 3)["frames"] - plain.rollout(ctx, 3)["frames"]).abs().max()
+        filled.flow_head.bias[2] = 30.0  # gate = 1: exactly the observed motion
+        filled.mask_head.bias.fill_(-30.0)  # mask = 0 everywhere
+        ours = filled.rollout(ctx, 3)["frames"]
+        extrap = flow_extrapolation({"frames": ctx["frames"][:, -2:], "flow_bwd": ctx["flow_bwd"][:, -1:]}, 3)
+    assert near < 0.01  # (1 - sigmoid(6)) of the fill
+    assert torch.allclose(ours, extrap.clamp(0, 1), atol=1e-5)
 
 
 def test_warp_occ_latent_starts_as_copy_last(tiny_params):

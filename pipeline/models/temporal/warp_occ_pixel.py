@@ -15,6 +15,10 @@ residual, collision and state heads. What is new is where the flow comes from an
   where nothing landed (coverage) and the step feed two convs that predict the mask (visible in the last
   frame; starts at ~1) and an RGB residual that paints what the warp cannot give (disoccluded floor, shadows).
   model.mask=ones fixes the mask at 1 (the ablation): x_hat = warp + residual.
+- What the mask's complement shows (model.fill). `none`: nothing, x_hat = warp * mask + residual. `extrap`:
+  x_hat = warp * mask + fill * (1 - mask) + residual, where fill is the last frame re-warped k times by the
+  corrected velocity held in place (the `flow_extrap` baseline's field): it pulls what lies behind a moving
+  object into the place it left, and it also feeds the refine net, which learns where to trust it.
 
 Losses (weights loss.*): frame L1 (`frame`), EPE of the accumulated flow against the chained observed
 flows of the true future (`flow`), BCE of the mask against their chained soft visibility (`occ`),
@@ -58,7 +62,8 @@ class PixelWarpOcc(TemporalModel):
         with torch.no_grad():
             self.flow_head.bias[2] = GATE_INIT_LOGIT
         # per step: the context features carried with the content, the warped frame, coverage and the step
-        self.refine = nn.Sequential(nn.Conv2d(hid + 3 + 1 + 1, hid, 3, padding=1), nn.SiLU(),
+        fill = 3 if self.model_cfg.fill == "extrap" else 0
+        self.refine = nn.Sequential(nn.Conv2d(hid + 3 + fill + 1 + 1, hid, 3, padding=1), nn.SiLU(),
                                     nn.Conv2d(hid, hid, 3, padding=1), nn.SiLU())
         self.mask_head = zero_init_(nn.Conv2d(hid, 1, 3, padding=1), bias=MASK_INIT_LOGIT)
         self.residual_head = zero_init_(nn.Conv2d(hid, 3, 3, padding=1))
@@ -86,20 +91,29 @@ class PixelWarpOcc(TemporalModel):
         last = frames[:, -1]  # [B,3,H,W]
         v, feats = self.velocity(frames, flows)
         importance = ADVECT_IMPORTANCE * v.detach().norm(dim=1, keepdim=True)  # order only: no gradient
+        use_fill = self.model_cfg.fill == "extrap"
+        fill = last  # [B,3,H,W] the last frame re-warped k times by the field held in place (model.fill=extrap)
         outs = []
         for k in range(1, steps + 1):
             back, coverage = splat(-k * v, k * v, importance=importance)  # [B,2,H,W] frame k -> last
             warped = warp(last, back)  # [B,3,H,W]
-            g = self.refine(torch.cat([warp(feats, back), warped * 2 - 1, coverage.clamp(0, 2) - 1,
-                                       torch.full_like(coverage, k / 10)], dim=1))  # [B,hid,H,W] on frame k's grid
+            inputs = [warp(feats, back), warped * 2 - 1]
+            if use_fill:
+                fill = warp(fill, -v.detach())  # what the advection does not answer for: no gradient to v
+                inputs.append(fill * 2 - 1)
+            g = self.refine(torch.cat(inputs + [coverage.clamp(0, 2) - 1, torch.full_like(coverage, k / 10)],
+                                      dim=1))  # [B,hid,H,W] on frame k's grid
             mask_logit = self.mask_head(g)  # [B,1,H,W]
             mask = torch.sigmoid(mask_logit) if self.model_cfg.mask == "learned" else torch.ones_like(mask_logit)
             residual = self.residual_head(g)  # [B,3,H,W]
+            frame = warped * mask + residual + (fill * (1 - mask) if use_fill else 0)
             # the collision and state heads read the features without steering them: their losses must not
             # trade frame quality for box or event accuracy
             events = self.collision_net(torch.cat([g.detach(), warped.detach() * 2 - 1, coverage.clamp(0, 2) - 1], dim=1))
-            o = {"frame": warped * mask + residual, "warped": warped, "flow": back, "mask_logit": mask_logit,
+            o = {"frame": frame, "warped": warped, "flow": back, "mask_logit": mask_logit,
                  "collision": self.collision_head(events)}
+            if use_fill:
+                o["fill"] = fill
             if self.state_head is not None:
                 o["boxes"] = self.state_head(g.detach())
             outs.append(o)
