@@ -24,16 +24,12 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from pipeline.flow.ops import splat, warp
+from pipeline.flow.ops import ADVECT_IMPORTANCE, splat, warp
 
-__all__ = ["Predictor", "PREDICTORS", "ADVECT_IMPORTANCE", "copy_last", "flow_extrapolation", "flow_advection",
+__all__ = ["Predictor", "PREDICTORS", "copy_last", "flow_extrapolation", "flow_advection",
            "advected_flow", "vae_reconstruction"]
 
 Predictor = Callable[[Mapping[str, Tensor], int], Tensor]
-
-# softmax-splatting importance per pixel of motion: where moving content lands on static background the
-# moving content wins (10 / px: a 0.5 px motion outweighs a static pixel by e^5)
-ADVECT_IMPORTANCE = 10.0
 
 
 def _observed(observed: Mapping[str, Tensor], horizon: int, *, flows: int) -> tuple[Tensor, Tensor | None]:

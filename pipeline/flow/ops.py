@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["warp", "splat", "compose_backward", "occlusion", "resize_flow", "base_grid"]
+__all__ = ["warp", "splat", "ADVECT_IMPORTANCE", "compose_backward", "occlusion", "resize_flow", "base_grid"]
 
 
 def _check_flow(flow: Tensor, name: str = "flow") -> None:
@@ -120,6 +120,9 @@ def occlusion(bwd: Tensor, fwd: Tensor, *, alpha1: float = 0.01, alpha2: float =
 
 
 SPLAT_EPS = 1e-6  # added to the softmax-splat normaliser; a target that only a sliver reaches tends to 0
+# splat importance per pixel/frame of motion when advecting a flow field (flow_advect, pixel warp_occ): where
+# moving content lands on static background the moving content wins (a 0.5 px motion outweighs a static pixel by e^5)
+ADVECT_IMPORTANCE = 10.0
 
 
 def splat(x: Tensor, flow: Tensor, *, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:

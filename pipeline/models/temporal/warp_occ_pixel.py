@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.clips import clip_slice
-from pipeline.flow.ops import compose_backward, splat, warp
+from pipeline.flow.ops import ADVECT_IMPORTANCE, compose_backward, splat, warp
 from pipeline.losses import flow_epe, l1, occlusion_bce
 from pipeline.models.heads import CollisionHead, ResBlock, StateHead, UNet, unet_depth, zero_init_
 from pipeline.models.temporal.base import TemporalModel
@@ -40,7 +40,6 @@ from pipeline.models.temporal.base import TemporalModel
 FLOW_SCALE = 2.0         # pixels per unit the networks see
 GATE_INIT_LOGIT = 6.0    # sigmoid(6) = 0.9975: the observed motion is kept at first
 MASK_INIT_LOGIT = 6.0    # the mask starts (almost) fully visible
-ADVECT_IMPORTANCE = 10.0  # softmax-splat importance per pixel/frame of motion (the flow_advect value)
 
 
 class PixelWarpOcc(TemporalModel):
@@ -61,9 +60,9 @@ class PixelWarpOcc(TemporalModel):
         self.flow_head = zero_init_(nn.Conv2d(hid, 3, 3, padding=1))  # dv (2), gate logit (1)
         with torch.no_grad():
             self.flow_head.bias[2] = GATE_INIT_LOGIT
-        # per step: the context features carried with the content, the warped frame, coverage and the step
-        fill = 3 if self.model_cfg.fill == "extrap" else 0
-        self.refine = nn.Sequential(nn.Conv2d(hid + 3 + fill + 1 + 1, hid, 3, padding=1), nn.SiLU(),
+        # per step: the context features carried with the content, the warped frame, the fill, coverage, the step
+        fill_channels = 3 if self.model_cfg.fill == "extrap" else 0
+        self.refine = nn.Sequential(nn.Conv2d(hid + 3 + fill_channels + 1 + 1, hid, 3, padding=1), nn.SiLU(),
                                     nn.Conv2d(hid, hid, 3, padding=1), nn.SiLU())
         self.mask_head = zero_init_(nn.Conv2d(hid, 1, 3, padding=1), bias=MASK_INIT_LOGIT)
         self.residual_head = zero_init_(nn.Conv2d(hid, 3, 3, padding=1))
@@ -172,4 +171,4 @@ class PixelWarpOcc(TemporalModel):
         return torch.stack(losses).mean()
 
 
-__all__ = ["PixelWarpOcc", "FLOW_SCALE", "GATE_INIT_LOGIT", "MASK_INIT_LOGIT", "ADVECT_IMPORTANCE"]
+__all__ = ["PixelWarpOcc", "FLOW_SCALE", "GATE_INIT_LOGIT", "MASK_INIT_LOGIT"]
