@@ -360,12 +360,12 @@ def _write_pairs(figures: dict, out_dir: Path, *, count: int, context: int) -> N
 
     ids = figures["ids"]
     for i in range(min(count, figures["a"].shape[0])):
-        a, b = to_uint8(figures["a"][i:i + 1])[0], to_uint8(figures["b"][i:i + 1])[0]  # [C+n,H,W,3]
+        a, b = to_uint8(figures["a"][i]), to_uint8(figures["b"][i])  # [C+n,H,W,3]
         rows = {"A (appearance)": a, "B (motion)": b}
         for mode in MODES:
             rows[mode] = np.concatenate([a[:context] if mode == "transfer" else
                                          np.repeat(a[context - 1:context], context, 0),
-                                         to_uint8(figures[mode][i:i + 1])[0]])
+                                         to_uint8(figures[mode][i])])
         name = f"pair_{ids[i][0]:05d}_{ids[i][1]:05d}"
         labelled_strip(rows, out_dir / f"{name}.png", context=context,
                        title=f"{name}: appearance of A, motion of B ({context} context | predicted)")

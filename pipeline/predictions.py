@@ -40,9 +40,11 @@ KINDS = ("rollout", "step1")
 
 
 def to_uint8(frames: Tensor) -> np.ndarray:
-    """Frames [B,T,3,H,W] in [0,1] -> uint8 [B,T,H,W,3] (rounded, clipped)."""
+    """Frames [...,3,H,W] in [0,1] -> uint8 [...,H,W,3] (rounded, clipped)."""
+    if frames.dim() < 3 or frames.shape[-3] != 3:
+        raise ValueError(f"to_uint8: frames must be [...,3,H,W], got {tuple(frames.shape)}")
     x = frames.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
-    return x.permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
+    return x.movedim(-3, -1).contiguous().cpu().numpy()
 
 
 class PredictionWriter:

@@ -273,3 +273,16 @@ def test_inference_settings_from_params(tiny_params):
     assert (s.split, s.context, s.horizon, s.ttt_steps) == (tiny_params.eval.split, tiny_params.eval.context,
                                                             tiny_params.eval.horizon, tiny_params.ttt.steps)
     assert dataclasses.asdict(s)["ttt_grad_clip"] == tiny_params.ttt.grad_clip
+
+
+def test_to_uint8_quantises_any_leading_shape_and_names_a_bad_one():
+    """The one frame quantiser (predictions.h5, control's flow and figures): rounded, clipped, channels last."""
+    from pipeline.predictions import to_uint8
+
+    frames = torch.tensor([-0.1, 0.0, 0.5 / 255, 1.5 / 255, 0.5, 1.0, 1.2]).view(1, 1, 1, 7, 1).expand(2, 3, 3, 7, 1)
+    out = to_uint8(frames)  # [B,T,H,W,3]
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 7, 1, 3)
+    assert out[0, 0, :, 0, 0].tolist() == [0, 0, 0, 2, 128, 255, 255]  # torch.round: half to even
+    assert np.array_equal(to_uint8(frames[1]), out[1])  # [T,3,H,W] -> [T,H,W,3], the same bytes
+    with pytest.raises(ValueError, match=r"\[\.\.\.,3,H,W\], got \(2, 3, 7, 1, 3\)"):
+        to_uint8(torch.from_numpy(out).float())
