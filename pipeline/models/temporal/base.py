@@ -129,14 +129,16 @@ class TemporalModel(nn.Module):
         return T - self.context
 
     # ---- losses -----------------------------------------------------------------------------
-    def _aux_terms(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor], start: int) -> dict[str, Tensor]:
-        """Collision focal loss and (with boxes) state L1 for predictions of frames start..start+R-1."""
+    def _aux_terms(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor],
+                   start: int | Tensor) -> dict[str, Tensor]:
+        """Collision focal loss and (with boxes) state L1 for predictions of frames start..start+R-1
+        (or of the frames a 1-D index tensor `start` lists)."""
         R = out["collision"].shape[1]
-        terms = {"collision": focal_loss(out["collision"], batch["collision"][:, start:start + R],
+        frames = start if isinstance(start, Tensor) else slice(start, start + R)
+        terms = {"collision": focal_loss(out["collision"], batch["collision"][:, frames],
                                          alpha=self.loss_cfg.focal_alpha, gamma=self.loss_cfg.focal_gamma)}
         if "boxes" in out:
-            terms["state"] = box_l1(out["boxes"], batch["boxes"][:, start:start + R],
-                                    batch["box_mask"][:, start:start + R])
+            terms["state"] = box_l1(out["boxes"], batch["boxes"][:, frames], batch["box_mask"][:, frames])
         return terms
 
     def _with_total(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
