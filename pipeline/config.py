@@ -238,9 +238,6 @@ class Train:
     lr: float
     batch: int
     rollout: int
-    far: int  # pixel warp_occ: steps after `rollout` also scored, with the motion detached (0 = none)
-    far_samples: int  # far steps scored per batch, drawn at random (0 = all of them)
-    far_weight: float  # weight of the far steps' loss against the first `rollout` steps'
     warmup: int  # linear LR warm-up steps, then cosine decay to lr/10
     clip_grad: float  # max gradient norm; 0 disables clipping
     ckpt_every: int  # steps between resume checkpoints; 0 disables them
@@ -253,11 +250,8 @@ class Train:
         _check(self.batch >= 1, "train.batch", self.batch, "must be >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.rollout >= 1, "train.rollout", self.rollout, "must be >= 1")
-        for name in ("far", "warmup", "ckpt_every", "workers"):
+        for name in ("warmup", "ckpt_every", "workers"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
-        _check(0 <= self.far_samples <= self.far, "train.far_samples", self.far_samples,
-               f"must be in [0, train.far={self.far}]")
-        _check(self.far_weight >= 0, "train.far_weight", self.far_weight, "must be >= 0")
         _check(self.clip_grad >= 0, "train.clip_grad", self.clip_grad, "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
 
@@ -356,15 +350,6 @@ class Params:
                f"must be <= data.frames ({self.data.frames})")
         _check(self.model.context <= self.eval.context, "model.context", self.model.context,
                f"must be <= eval.context ({self.eval.context})")
-        clip = self.model.context + self.train.rollout + self.train.far
-        _check(clip <= self.data.frames, "model.context + train.rollout + train.far", clip,
-               f"must be <= data.frames ({self.data.frames}): the training clip")
-        if self.train.far:
-            pixel = self.model.arch == "warp_occ" and self.model.warp_space == "pixel"
-            _check(pixel, "train.far", self.train.far,
-                   "needs model.arch=warp_occ with model.warp_space=pixel (it predicts each step from the last real "
-                   f"frame, so far steps can be scored alone); got arch {self.model.arch}, warp_space "
-                   f"{self.model.warp_space}")
         for name in ("vae", "flow_vae"):
             down = getattr(self, name).downsample
             _check(all(r % down == 0 for r in self.data.resolution), f"{name}.downsample", down,

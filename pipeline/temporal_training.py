@@ -2,7 +2,7 @@
 
 `train_temporal(params)` reads frames.h5, flow.h5, latents.h5 and both VAE checkpoints, builds
 `model.arch` (pipeline.models.temporal), trains it with the shared loop (pipeline.training) on clips
-of `model.context + train.rollout (+ train.far)` frames and writes models/temporal.pt. It then scores 1-step
+of `model.context + train.rollout` frames and writes models/temporal.pt. It then scores 1-step
 prediction on the validation split against copy-last-frame, for the stage report.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from pipeline.checkpoint import load_model, unwrap
 from pipeline.clips import clip_slice
-from pipeline.config import Params, Train, to_dict
+from pipeline.config import Params, to_dict
 from pipeline.data.datasets import ClipDataset
 from pipeline.distributed import is_main_process
 from pipeline.io import file_digest, open_h5
@@ -36,33 +36,6 @@ def temporal_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Te
     """The training loss_fn: forward through the (possibly DDP-wrapped) model, then its own loss terms."""
     out = model(batch)
     return unwrap(model).loss(batch, out)
-
-
-def far_steps(train: Train, step: int) -> list[int]:
-    """Rollout steps scored at training step `step`: 1..train.rollout, then train.far_samples of the train.far
-    steps after them (all when 0), drawn from a generator seeded by (train.seed, step): resumes draw the same."""
-    R, F = train.rollout, train.far
-    far = torch.arange(R + 1, R + F + 1)
-    if 0 < train.far_samples < F:
-        g = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
-        far = far[torch.randperm(F, generator=g)[:train.far_samples]].sort().values
-    return list(range(1, R + 1)) + far.tolist()
-
-
-def loss_fn(train: Train):
-    """The loss_fn of `train_temporal`: every step of the clip, or (train.far) also the far steps, with the
-    motion detached, their loss (logged as `far`) weighted by train.far_weight."""
-    if not train.far:
-        return temporal_loss
-
-    def far_loss(model: nn.Module, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
-        out = model(batch, scored=far_steps(train, step), free_until=train.rollout)
-        R, base = train.rollout, unwrap(model)
-        near = base.loss(batch, {k: v[:R] if k == "step" else v[:, :R] for k, v in out.items()})
-        far = base.loss(batch, {k: v[R:] if k == "step" else v[:, R:] for k, v in out.items()})
-        return {**near, "total": near["total"] + train.far_weight * far["total"], "far": far["total"]}
-
-    return far_loss
 
 
 def _num_boxes(frames_h5: str | Path, split: str) -> int:
@@ -121,7 +94,7 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
     p, arch = params, params.model.arch
     checkpoint = Path(checkpoint or p.paths.temporal)
     report_dir = Path(report_dir or p.paths.report_dir("temporal"))
-    length = p.model.context + p.train.rollout + p.train.far
+    length = p.model.context + p.train.rollout
     want_vae, want_flow_vae = needs_vae(arch, p.model)
     latents = p.paths.latents if want_vae else None  # clip_lstm and pixel-space warp_occ work on frames alone
     dataset = ClipDataset(p.paths.frames, "train", length, flow_h5=p.paths.flow, latents_h5=latents)
@@ -141,7 +114,7 @@ def train_temporal(params: Params, *, steps: int | None = None, checkpoint: str 
     inputs = [p.paths.frames, p.paths.flow] + ([p.paths.latents, p.paths.vae] if want_vae else []) + (
         [p.paths.flow_vae] if want_flow_vae else [])
     stage_params = {"model": to_dict(p.model), "loss": to_dict(p.loss), "train": to_dict(p.train), "device": p.device}
-    result = train(model, dataset, loss_fn(p.train), config=config, checkpoint=checkpoint, kind="temporal",
+    result = train(model, dataset, temporal_loss, config=config, checkpoint=checkpoint, kind="temporal",
                    model_args=model.model_args(), arch=arch, params=stage_params, report_dir=report_dir,
                    device=p.device, extra={"encoder": encoder}, data_identity={f: file_digest(f) for f in inputs})
     seconds = time.perf_counter() - t0

@@ -356,84 +356,6 @@ def test_warp_occ_pixel_fill_is_flow_extrap_where_the_mask_is_zero(tiny_params):
     assert torch.allclose(ours, extrap.clamp(0, 1), atol=1e-5)
 
 
-def test_warp_occ_pixel_scores_a_subset_of_steps_as_the_full_rollout_does(tiny_params):
-    """forward(scored=...) predicts only the listed steps, each equal to the full clip's prediction of it."""
-    p = tiny_params
-    c = p.model.context
-    model = make_model(p, "warp_occ")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for q in model.parameters():
-            q.add_(0.05 * torch.randn_like(q))
-        batch = make_batch(p, length=c + 4)
-        full = model(batch)
-        some = model(batch, scored=[2, 4])
-    assert full["step"].tolist() == [1, 2, 3, 4] and some["step"].tolist() == [2, 4]
-    for key in ("frame", "fill", "mask_logit", "collision"):
-        assert some[key].shape[1] == 2
-        assert torch.allclose(some[key], full[key][:, [1, 3]], atol=1e-6), key
-    with pytest.raises(ValueError, match=r"scored steps must lie in \[1, 4\]"):
-        model(batch, scored=[5])
-
-
-def test_warp_occ_pixel_far_steps_train_the_per_step_nets_not_the_motion(tiny_params):
-    """Steps after free_until see the velocity detached: their loss reaches the mask / residual nets only."""
-    p = tiny_params
-    c = p.model.context
-    model = make_model(p, "warp_occ")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for q in model.parameters():
-            q.add_(0.05 * torch.randn_like(q))
-    batch = make_batch(p, length=c + 3)
-
-    def grads(**kw):
-        model.zero_grad(set_to_none=True)
-        model.loss(batch, model(batch, scored=[3], **kw))["frame"].backward()
-        return tuple(0.0 if w.grad is None else w.grad.abs().sum().item()
-                     for w in (model.flow_head.weight, model.residual_head.weight))
-
-    flow_free, residual_free = grads(free_until=2)
-    flow_all, residual_all = grads()
-    assert flow_free == 0.0 and residual_free > 0.0
-    assert flow_all > 0.0 and residual_all == pytest.approx(residual_free, rel=1e-5)
-
-
-def test_far_steps_are_drawn_per_training_step_and_reproducibly(tiny_params):
-    import dataclasses
-
-    from pipeline.temporal_training import far_steps, loss_fn, temporal_loss
-
-    train = dataclasses.replace(tiny_params.train, rollout=3, far=10, far_samples=4, seed=0)
-    first = far_steps(train, 7)
-    assert first == far_steps(train, 7)  # a resumed run draws the same steps
-    assert first[:3] == [1, 2, 3] and len(first) == 7 and first[3:] == sorted(first[3:])
-    assert all(4 <= k <= 13 for k in first[3:])
-    assert len({tuple(far_steps(train, s)) for s in range(20)}) > 1  # the far steps change from step to step
-    assert far_steps(dataclasses.replace(train, far_samples=0), 7) == list(range(1, 14))
-    assert loss_fn(dataclasses.replace(train, far=0, far_samples=0)) is temporal_loss
-
-
-def test_far_loss_adds_the_far_steps_at_their_weight(tiny_params):
-    import dataclasses
-
-    from pipeline.clips import clip_slice
-    from pipeline.temporal_training import loss_fn, temporal_loss
-
-    p = tiny_params
-    c = p.model.context
-    model = make_model(p, "warp_occ")
-    batch = make_batch(p, length=c + 4)
-    train = dataclasses.replace(p.train, rollout=2, far=2, far_samples=0)
-    with torch.no_grad():
-        near_only = temporal_loss(model, clip_slice(batch, 0, c + 2))["total"]
-        for weight in (0.0, 0.5):
-            terms = loss_fn(dataclasses.replace(train, far_weight=weight))(model, batch, step=0)
-            # the first `rollout` steps score as a clip of that length would; the far ones add at their weight
-            assert torch.allclose(terms["total"], near_only + weight * terms["far"], atol=1e-6)
-            assert terms["far"] > 0
-
-
 def test_warp_occ_latent_starts_as_copy_last(tiny_params):
     p = tiny_params
     model = make_model(p, "warp_occ_latent")
@@ -504,8 +426,8 @@ def test_clip_lstm_loads_resnet_weights_from_the_hub_cache(tiny_params, tmp_path
 
 # ---- the stage ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch, far", [("warp_occ", 0), ("warp_occ", 3), ("clip_lstm", 0)])
-def test_train_temporal_stage(tiny_files, arch, far, tmp_path):
+@pytest.mark.parametrize("arch", ["warp_occ", "clip_lstm"])
+def test_train_temporal_stage(tiny_files, arch, tmp_path):
     from pipeline.temporal_training import evaluate_psnr, train_temporal
     from pipeline.data.datasets import ClipDataset
 
@@ -515,11 +437,9 @@ def test_train_temporal_stage(tiny_files, arch, far, tmp_path):
     raw["device"] = "cpu"
     raw["model"]["arch"] = arch
     raw["model"]["encoder"] = "cnn"
-    raw["train"].update(far=far, far_samples=min(far, 2))
     params = params_from_dict(raw)
     report = train_temporal(params)
     assert report["arch"] == arch and report["steps"] == params.train.steps
-    assert report["clip_length"] == params.model.context + params.train.rollout + far
     assert set(report["loss"]) >= EXPECTED_TERMS[arch] - {"flow", "occ"} | {"total"}
     assert report["val_psnr_step1"] is not None and report["val_psnr_step1_copy_last"] is not None
     if arch == "clip_lstm":

@@ -129,16 +129,14 @@ class TemporalModel(nn.Module):
         return T - self.context
 
     # ---- losses -----------------------------------------------------------------------------
-    def _aux_terms(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor],
-                   start: int | Tensor) -> dict[str, Tensor]:
-        """Collision focal loss and (with boxes) state L1 for predictions of frames start..start+R-1
-        (or of the frames a 1-D index tensor `start` lists)."""
+    def _aux_terms(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor], start: int) -> dict[str, Tensor]:
+        """Collision focal loss and (with boxes) state L1 for predictions of frames start..start+R-1."""
         R = out["collision"].shape[1]
-        frames = start if isinstance(start, Tensor) else slice(start, start + R)
-        terms = {"collision": focal_loss(out["collision"], batch["collision"][:, frames],
+        terms = {"collision": focal_loss(out["collision"], batch["collision"][:, start:start + R],
                                          alpha=self.loss_cfg.focal_alpha, gamma=self.loss_cfg.focal_gamma)}
         if "boxes" in out:
-            terms["state"] = box_l1(out["boxes"], batch["boxes"][:, frames], batch["box_mask"][:, frames])
+            terms["state"] = box_l1(out["boxes"], batch["boxes"][:, start:start + R],
+                                    batch["box_mask"][:, start:start + R])
         return terms
 
     def _with_total(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ collision focal and state L1 (their heads read detached per-step features).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -85,28 +85,21 @@ class PixelWarpOcc(TemporalModel):
         v_obs = -flows[:, -1]  # how each pixel of the last frame moved into it
         return torch.sigmoid(out[:, 2:3]) * v_obs + out[:, :2] * FLOW_SCALE, feats
 
-    def _unroll(self, frames: Tensor, flows: Tensor, steps: int, *, scored: Sequence[int] | None = None,
-                free_until: int | None = None) -> dict[str, Tensor]:
-        """Predict frames 1..`steps` after the context (only those in `scored`, ascending, when given);
-        outputs stacked on dim 1. Steps after `free_until` see the velocity detached (train.far)."""
-        wanted = set(range(1, steps + 1) if scored is None else scored)
-        if not wanted or min(wanted) < 1 or max(wanted) > steps:
-            raise ValueError(f"warp_occ: scored steps must lie in [1, {steps}], got {sorted(wanted)}")
+    def _unroll(self, frames: Tensor, flows: Tensor, steps: int) -> dict[str, Tensor]:
+        """Predict `steps` frames after the context; outputs stacked on dim 1."""
         last = frames[:, -1]  # [B,3,H,W]
         v, feats = self.velocity(frames, flows)
         importance = ADVECT_IMPORTANCE * v.detach().norm(dim=1, keepdim=True)  # order only: no gradient
         use_fill = self.model_cfg.fill == "extrap"
         fill = last  # [B,3,H,W] the last frame re-warped k times by the field held in place (model.fill=extrap)
         outs = []
-        for k in range(1, max(wanted) + 1):
+        for k in range(1, steps + 1):
+            back, coverage = splat(-k * v, k * v, importance=importance)  # [B,2,H,W] frame k -> last
+            warped = warp(last, back)  # [B,3,H,W]
+            inputs = [warp(feats, back), warped * 2 - 1]
             if use_fill:
                 fill = warp(fill, -v.detach())  # what the advection does not answer for: no gradient to v
-            if k not in wanted:
-                continue
-            vk = v if free_until is None or k <= free_until else v.detach()
-            back, coverage = splat(-k * vk, k * vk, importance=importance)  # [B,2,H,W] frame k -> last
-            warped = warp(last, back)  # [B,3,H,W]
-            inputs = [warp(feats, back), warped * 2 - 1] + ([fill * 2 - 1] if use_fill else [])
+                inputs.append(fill * 2 - 1)
             g = self.refine(torch.cat(inputs + [coverage.clamp(0, 2) - 1, torch.full_like(coverage, k / 10)],
                                       dim=1))  # [B,hid,H,W] on frame k's grid
             mask_logit = self.mask_head(g)  # [B,1,H,W]
@@ -129,28 +122,22 @@ class PixelWarpOcc(TemporalModel):
         c = self.context
         return batch["frames"][:, :c], batch["flow_bwd"][:, :c - 1]
 
-    def forward(self, batch: Mapping[str, Tensor], *, scored: Sequence[int] | None = None,
-                free_until: int | None = None) -> dict[str, Tensor]:
-        """Training clip [B,c+R,...] -> predictions of frames c..c+R-1 (each [B,R,...]), or of the steps in
-        `scored` only ([B,S,...], their numbers in out['step'] [S]); steps after `free_until` do not train v."""
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Training clip [B,c+R,...] -> predictions of frames c..c+R-1 (each [B,R,...])."""
         R = self._rollout_len(batch)
         self._require(batch, ["flow_bwd"], min_frames=self.context + 1)
-        out = self._unroll(*self._context(batch), R, scored=scored, free_until=free_until)
-        out["step"] = torch.tensor(sorted(set(range(1, R + 1) if scored is None else scored)),
-                                   device=batch["frames"].device)  # [S]
-        return out
+        return self._unroll(*self._context(batch), R)
 
     def loss(self, batch: Mapping[str, Tensor], out: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """frame L1, flow EPE and occlusion BCE against the chained future flows, collision focal (+ state)."""
         self._require(batch, ["flow_bwd", "occ", "collision"], min_frames=self.context + 1)
-        c, R = self.context, self._rollout_len(batch)
-        index = out["step"] - 1  # [S] scored steps, 0-based
+        c, R = self.context, out["frame"].shape[1]
         target_flow, target_vis = compose_backward(batch["flow_bwd"][:, c - 1:c - 1 + R],
                                                    batch["occ"][:, c - 1:c - 1 + R])  # [B,R,2|1,H,W]
-        terms = {"frame": l1(out["frame"], batch["frames"][:, c + index]),
-                 "flow": flow_epe(out["flow"], target_flow[:, index]),
-                 "occ": occlusion_bce(out["mask_logit"], target_vis[:, index])}
-        terms.update(self._aux_terms(batch, out, c + index))
+        terms = {"frame": l1(out["frame"], batch["frames"][:, c:c + R]),
+                 "flow": flow_epe(out["flow"], target_flow),
+                 "occ": occlusion_bce(out["mask_logit"], target_vis)}
+        terms.update(self._aux_terms(batch, out, c))
         return self._with_total(terms)
 
     def rollout(self, batch: Mapping[str, Tensor], horizon: int) -> dict[str, Tensor]:
