@@ -1,6 +1,6 @@
 """Seed spread: train the default arch with several seeds and report the spread of every headline number.
 
-    python bench/bench_seeds.py [--seeds 0,1,2] [--split test|val] [-S KEY=VALUE ...]
+    python bench/bench_seeds.py [--seeds 0,1,2] [--split test|val] [-S KEY=VALUE ...] [--name NAME]
 
 Each seed sets `train.seed` and the seeds of the VAEs the arch builds on (`vae.seed` for the latent
 archs, `flow_vae.seed` too for dual_vae; pixel-space warp_occ uses none), then re-runs from the first
@@ -8,7 +8,7 @@ stage those seeds reach to evaluate in a temporary directory
 (bench/sweep.py's runner; the data and flow come from the workspace's last `dvc repro`). A gain claimed in
 the README is meaningful only when it is larger than this spread. This script reports; it chooses nothing,
 so it may read the test split (the default, where the README's table is).
-Writes bench/results/seeds.json (or seeds_<split>.json for val).
+Writes bench/results/seeds.json (seeds_<split>.json for val; --name NAME: NAME.json).
 """
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("val", "test"))
     ap.add_argument("--base", type=Path, default=REPO, help="directory holding the base run's data/ and models/")
     ap.add_argument("-S", "--set", action="append", default=[], help="extra fixed override KEY=VALUE")
+    ap.add_argument("--name", default=None, help="result name (default: seeds for test, seeds_<split> otherwise)")
     args = ap.parse_args()
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, values in parse_grid(args.set).items():
@@ -87,7 +88,7 @@ def main() -> None:
             print(f"  model {metrics['model']['psnr']} dB, model - flow_extrap "
                   f"{metrics['model_minus_flow_extrap']['psnr']} dB", flush=True)
     table = spread(runs)
-    name = "seeds" if args.split == "test" else f"seeds_{args.split}"
+    name = args.name or ("seeds" if args.split == "test" else f"seeds_{args.split}")
     path = save(name, {"split": args.split, "arch": arch, "seeds": seeds, "overrides": args.set,
                        "seconds": round(time.perf_counter() - t0), "spread": table, "runs": runs})
     for key in ("model.psnr", "model_ttt.psnr", "model_minus_flow_extrap.psnr", "model_ttt_minus_model.psnr",
