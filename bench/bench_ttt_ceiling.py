@@ -32,6 +32,7 @@ def main() -> None:
     from pipeline.clips import clip_slice
     from pipeline.config import load_params
     from pipeline.data.datasets import ClipDataset, split_group
+    from pipeline.inference import rollout_model
     from pipeline.metrics import psnr
     from pipeline.models.temporal import rebuild_temporal
     from pipeline.stats import paired_difference, resample_indices
@@ -65,12 +66,12 @@ def main() -> None:
     for i in range(n):
         video = {k: v[None] for k, v in data[i].items()}
         observed = clip_slice(video, 0, C, observed=True)
-        start = clip_slice(observed, C - mc, C)
         truth = video["frames"][:, C:C + Hz]  # [1,Hz,3,H,W]
 
         def score() -> float:
             with torch.no_grad():
-                return float(psnr(model.rollout(start, Hz)["frames"], truth).mean())
+                pred = rollout_model(model, observed, model_context=mc, horizon=Hz)["frames"]  # the infer stage's
+                return float(psnr(pred, truth).mean())
 
         scores["none"].append(score())
         for name, adapter in adapters.items():
