@@ -204,11 +204,18 @@ class Model:
     warp_space: Literal["pixel", "latent"]  # warp_occ: warp the last real frame (pixel) or the latent (latent)
     mask: Literal["learned", "ones"]  # warp_occ: the occlusion mask, or fixed at 1 (the ablation)
     fill: Literal["none", "extrap"]  # warp_occ (pixel): what shows where the mask is 0: nothing, or the fixed-field re-warp
+    mask_steps: int  # warp_occ (pixel, fill extrap): steps the learned mask is used for, then 0 (the fill); 0 = every step
     dual_update: Literal["delta", "warp"]  # dual_vae: next appearance = last + delta, or last warped by the motion + delta
 
     def __post_init__(self):
         _check(self.hidden >= 1, "model.hidden", self.hidden, "must be >= 1")
         _check(self.context >= 1, "model.context", self.context, "must be >= 1")
+        _check(self.mask_steps >= 0, "model.mask_steps", self.mask_steps, "must be >= 0 (0 = the mask at every step)")
+        if self.mask_steps:
+            pixel = self.arch == "warp_occ" and self.warp_space == "pixel" and self.fill == "extrap"
+            _check(pixel, "model.mask_steps", self.mask_steps,
+                   "needs model.arch=warp_occ, model.warp_space=pixel and model.fill=extrap (after mask_steps the "
+                   f"prediction is the fill); got arch {self.arch}, warp_space {self.warp_space}, fill {self.fill}")
 
 
 @dataclass(frozen=True)

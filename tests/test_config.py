@@ -45,6 +45,10 @@ def test_bad_arch_lists_the_five():
     ({"eval": {"split": "val"}, "data": {"videos": {"val": 0}}}, r"eval.split='val'.*data.videos.val is 0"),
     ({"control": {"pairs": 1}}, r"control.pairs=1.*partner"),
     ({"control": {"constant_flow": [1.0]}}, r"control.constant_flow.*expected 2 values"),
+    ({"model": {"mask_steps": -1}}, r"model.mask_steps=-1.*must be >= 0"),
+    ({"model": {"mask_steps": 12, "fill": "none"}}, r"model.mask_steps=12.*fill none"),
+    ({"model": {"mask_steps": 12, "arch": "dual_vae"}}, r"model.mask_steps=12.*arch dual_vae"),
+    ({"model": {"mask_steps": 12}}, None),
 ])
 def test_bad_values(change, message):
     raw = override(tiny_params_dict(), change)

@@ -356,6 +356,26 @@ def test_warp_occ_pixel_fill_is_flow_extrap_where_the_mask_is_zero(tiny_params):
     assert torch.allclose(ours, extrap.clamp(0, 1), atol=1e-5)
 
 
+def test_warp_occ_pixel_mask_steps_hands_over_to_the_fill(tiny_params):
+    """model.mask_steps=K: steps 1..K as without it; after K the frame is the fill plus the same residual."""
+    p = tiny_params
+    c, K = p.model.context, 2
+    batch = make_batch(p, length=c + 4)
+    models = {k: make_model(p, "warp_occ", fill="extrap", mask_steps=k).eval() for k in (0, K)}
+    for m in models.values():  # the same seeded weights, moved off their initial values so the mask is not ~1
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for q in m.parameters():
+                q.add_(0.05 * torch.randn_like(q))
+    with torch.no_grad():
+        full, cut = models[0](batch), models[K](batch)
+    assert torch.equal(cut["frame"][:, :K], full["frame"][:, :K])
+    mask = torch.sigmoid(full["mask_logit"])
+    residual = full["frame"] - full["warped"] * mask - full["fill"] * (1 - mask)
+    assert torch.allclose(cut["frame"][:, K:], (full["fill"] + residual)[:, K:], atol=1e-5)
+    assert not torch.allclose(cut["frame"][:, K:], full["frame"][:, K:], atol=1e-3)
+
+
 def test_warp_occ_latent_starts_as_copy_last(tiny_params):
     p = tiny_params
     model = make_model(p, "warp_occ_latent")

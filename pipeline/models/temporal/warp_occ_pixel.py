@@ -19,6 +19,8 @@ residual, collision and state heads. What is new is where the flow comes from an
   x_hat = warp * mask + fill * (1 - mask) + residual, where fill is the last frame re-warped k times by the
   corrected velocity held in place (the `flow_extrap` baseline's field): it pulls what lies behind a moving
   object into the place it left, and it also feeds the refine net, which learns where to trust it.
+  model.mask_steps=K (> 0) sets the mask to 0 after step K: over long horizons the advected content is
+  wherever constant motion puts it, collisions or not, and a mask trained on short rollouts keeps trusting it.
 
 Losses (weights loss.*): frame L1 (`frame`), EPE of the accumulated flow against the chained observed
 flows of the true future (`flow`), BCE of the mask against their chained soft visibility (`occ`),
@@ -104,6 +106,8 @@ class PixelWarpOcc(TemporalModel):
                                       dim=1))  # [B,hid,H,W] on frame k's grid
             mask_logit = self.mask_head(g)  # [B,1,H,W]
             mask = torch.sigmoid(mask_logit) if self.model_cfg.mask == "learned" else torch.ones_like(mask_logit)
+            if 0 < self.model_cfg.mask_steps < k:  # past the steps the mask is trusted for: the fill alone
+                mask = torch.zeros_like(mask_logit)
             residual = self.residual_head(g)  # [B,3,H,W]
             frame = warped * mask + residual + (fill * (1 - mask) if use_fill else 0)
             # the collision and state heads read the features without steering them: their losses must not
