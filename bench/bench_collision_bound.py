@@ -46,7 +46,7 @@ def pair_features(boxes: np.ndarray, mask: np.ndarray, first: int, *, with_frame
     centre, half, bottom = (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2]) / 2, boxes[..., 3]
     t = np.arange(first, T)
 
-    def at(x: np.ndarray, lag: int) -> np.ndarray:  # x [N,T,K,...] -> frame t-lag of objects i and j
+    def at(x: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:  # x [N,T,K,...] -> frame t-lag of i, of j
         return x[:, t - lag][:, :, i], x[:, t - lag][:, :, j]
 
     (ci1, cj1), (ci2, cj2), (ci3, cj3) = at(centre, 1), at(centre, 2), at(centre, 3)  # [N,S,P,2]
