@@ -24,18 +24,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import REPO, save  # noqa: E402
+from bench.common import REPO, save, trained_temporal, val_videos  # noqa: E402
+
+
+def mask_step_configs(model_cfg, *, rollout: int, values: list[int]) -> dict:
+    """The trained model's config with mask_steps=K for each K; ValueError where one model cannot answer for K."""
+    trained = model_cfg.mask_steps
+    if 0 < trained < rollout:
+        raise ValueError(f"the checkpoint was trained with model.mask_steps={trained} < train.rollout={rollout}: "
+                         "its mask never learned steps after that; score a model trained without the cut")
+    short = [k for k in values if 0 < k < rollout]
+    if short:
+        raise ValueError(f"--values {short}: below train.rollout={rollout}, the cut would change training; "
+                         "train with them (bench/sweep.py -S model.mask_steps=...) instead")
+    # the model config's own check (a ConfigError, a ValueError) refuses a cut for anything but pixel + fill extrap
+    return {k: dataclasses.replace(model_cfg, mask_steps=k) for k in values}
 
 
 def main() -> None:
     from pipeline.baselines import flow_extrapolation
-    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.clips import clip_slice
-    from pipeline.config import ConfigError, load_params
-    from pipeline.data.datasets import ClipDataset, split_group
+    from pipeline.config import load_params
     from pipeline.inference import rollout_model
     from pipeline.metrics import psnr
-    from pipeline.models.temporal import rebuild_temporal
     from pipeline.stats import paired_difference, resample_indices
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,31 +57,17 @@ def main() -> None:
 
     base = args.base.resolve()
     p = load_params(base / "params.yaml")
-    ckpt = load_checkpoint(base / p.paths.temporal, kind="temporal")
-    model = model_from_checkpoint(ckpt, rebuild_temporal, path=base / p.paths.temporal).eval()
-    rollout, trained_k = int(ckpt["params"]["train"]["rollout"]), model.model_cfg.mask_steps
-    if 0 < trained_k < rollout:
-        raise SystemExit(f"the checkpoint was trained with model.mask_steps={trained_k} < train.rollout={rollout}: "
-                         "its mask never learned steps after that; score a model trained without the cut")
-    short = [k for k in values if 0 < k < rollout]
-    if short:
-        raise SystemExit(f"--values {short}: below train.rollout={rollout}, the cut would change training; "
-                         "train with them (bench/sweep.py -S model.mask_steps=...) instead")
-    try:  # the model config's own check refuses a cut for anything but a pixel warp_occ with fill extrap
-        configs = {k: dataclasses.replace(model.model_cfg, mask_steps=k) for k in values}
-    except ConfigError as e:
+    ckpt, model = trained_temporal(base, p)
+    rollout = int(ckpt["params"]["train"]["rollout"])
+    try:
+        configs = mask_step_configs(model.model_cfg, rollout=rollout, values=values)
+    except ValueError as e:
         raise SystemExit(f"{base / p.paths.temporal}: {e}") from None
-
-    frames_h5, flow_h5 = base / p.paths.frames, base / p.paths.flow
-    T = split_group(frames_h5, "val")[1]
-    data = ClipDataset(frames_h5, "val", T, flow_h5=flow_h5, first_window_only=True)
+    videos = val_videos(base, p)
     C, Hz, mc = p.eval.context, p.eval.horizon, model.context
     scores: dict[str, list[np.ndarray]] = {"flow_extrap": [], **{f"mask_steps={k}": [] for k in values}}
     t0 = time.perf_counter()
-    for i in range(len(data)):
-        video = {k: v[None] for k, v in data[i].items()}
-        observed = clip_slice(video, 0, C, observed=True)
-        truth = video["frames"][:, C:C + Hz]  # [1,Hz,3,H,W]
+    for _, observed, truth in videos:  # truth [1,Hz,3,H,W]
         with torch.no_grad():
             scores["flow_extrap"].append(psnr(flow_extrapolation(observed, Hz).clamp(0, 1), truth)[0].numpy())
             for k, cfg in configs.items():
@@ -79,8 +75,8 @@ def main() -> None:
                 pred = rollout_model(model, observed, model_context=mc, horizon=Hz)["frames"]  # the infer stage's
                 scores[f"mask_steps={k}"].append(psnr(pred, truth)[0].numpy())  # [Hz]
     per_video = {name: np.stack(v).mean(axis=1) for name, v in scores.items()}  # [N] mean over the horizon
-    draws = resample_indices(len(data), resamples=p.eval.bootstrap, seed=p.eval.seed)
-    result = {"split": "val", "base": str(base), "videos": len(data), "context": C, "horizon": Hz,
+    draws = resample_indices(len(videos), resamples=p.eval.bootstrap, seed=p.eval.seed)
+    result = {"split": "val", "base": str(base), "videos": len(videos), "context": C, "horizon": Hz,
               "train_rollout": rollout, "methods": {}}
     for name, v in scores.items():
         row = {"psnr": round(float(per_video[name].mean()), 4),

@@ -1,6 +1,6 @@
 """How much could TTT give at most? The trained model adapted on the very frames it is scored on (val).
 
-Usage: python bench/bench_ttt_ceiling.py [--videos 32] [--oracle-steps 10] [--oracle-lr 1e-3] [--oracle-params flow_head]
+Usage: python bench/bench_ttt_ceiling.py [--videos 32] [--oracle-steps 10] [--oracle-lr 1e-3] [--oracle-params flow_head] [--name NAME]
 
 A diagnostic, not a method: per val video, the workspace's models/temporal.pt is adapted (pipeline.ttt.TTTAdapter,
 its `ttt_loss` over every window) three ways and rolled out from the same eval.context frames:
@@ -10,7 +10,7 @@ its `ttt_loss` over every window) three ways and rolled out from the same eval.c
   no predictor may read: an upper bound on what adapting those weights per video can buy.
 If even the oracle gains little, the weights TTT adapts are not what limits the rollout. Scores are
 float PSNR (the evaluate stage scores uint8 frames, so absolute values differ by a few hundredths), paired
-bootstrap intervals over the videos (eval.bootstrap, eval.seed). Writes bench/results/ttt_ceiling.json.
+bootstrap intervals over the videos (eval.bootstrap, eval.seed). Writes bench/results/ttt_ceiling[_NAME].json.
 """
 from __future__ import annotations
 
@@ -24,17 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import REPO, save  # noqa: E402
+from bench.common import REPO, save, trained_temporal, val_videos  # noqa: E402
 
 
 def main() -> None:
-    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
     from pipeline.clips import clip_slice
     from pipeline.config import load_params
-    from pipeline.data.datasets import ClipDataset, split_group
     from pipeline.inference import rollout_model
     from pipeline.metrics import psnr
-    from pipeline.models.temporal import rebuild_temporal
     from pipeline.stats import paired_difference, resample_indices
     from pipeline.ttt import TTTAdapter
 
@@ -43,16 +40,13 @@ def main() -> None:
     ap.add_argument("--oracle-steps", type=int, default=10)
     ap.add_argument("--oracle-lr", type=float, default=1e-3)
     ap.add_argument("--oracle-params", default="flow_head", help="flow_head | flow_bias | all")
+    ap.add_argument("--name", default="", help="suffix of the results file")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     p = load_params(REPO / "params.yaml")
-    paths = p.paths
-    model = model_from_checkpoint(load_checkpoint(REPO / paths.temporal, kind="temporal"), rebuild_temporal,
-                                  path=paths.temporal).eval()
-    frames_h5, flow_h5 = REPO / paths.frames, REPO / paths.flow
-    T = split_group(frames_h5, "val")[1]
-    data = ClipDataset(frames_h5, "val", T, flow_h5=flow_h5, first_window_only=True)
+    model = trained_temporal(REPO, p)[1]
+    videos = val_videos(REPO, p, limit=args.videos)
     C, Hz, mc = p.eval.context, p.eval.horizon, model.context
     t = p.ttt
     settings = {"context": dict(steps=t.steps, lr=t.lr, params=t.params, loss=t.loss, grad_clip=t.grad_clip),
@@ -62,12 +56,8 @@ def main() -> None:
     spans = {"context": C, "oracle": C + Hz}  # frames each adaptation may read
     scores = {name: [] for name in ["none", *adapters]}
     t0 = time.perf_counter()
-    n = min(args.videos, len(data))
-    for i in range(n):
-        video = {k: v[None] for k, v in data[i].items()}
-        observed = clip_slice(video, 0, C, observed=True)
-        truth = video["frames"][:, C:C + Hz]  # [1,Hz,3,H,W]
-
+    n = len(videos)
+    for i, (video, observed, truth) in enumerate(videos):  # truth [1,Hz,3,H,W]
         def score() -> float:
             with torch.no_grad():
                 pred = rollout_model(model, observed, model_context=mc, horizon=Hz)["frames"]  # the infer stage's
@@ -86,7 +76,7 @@ def main() -> None:
         result[f"{name}_minus_none"] = {"psnr": round(d.mean, 4), "lo": round(d.lo, 4), "hi": round(d.hi, 4)}
         print(f"{name:>8} - none: {d.mean:+.3f} dB [{d.lo:+.3f}, {d.hi:+.3f}]")
     result["seconds"] = round(time.perf_counter() - t0)
-    print(f"wrote {save('ttt_ceiling', result)}")
+    print(f"wrote {save('ttt_ceiling' + (f'_{args.name}' if args.name else ''), result)}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,37 @@ def save(name: str, result: dict) -> Path:
     return path
 
 
+def trained_temporal(base: Path, params) -> tuple[dict, torch.nn.Module]:
+    """The run's temporal checkpoint (`base` / paths.temporal) and its model, in eval mode."""
+    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipeline.models.temporal import rebuild_temporal
+
+    path = base / params.paths.temporal
+    ckpt = load_checkpoint(path, kind="temporal")
+    return ckpt, model_from_checkpoint(ckpt, rebuild_temporal, path=path).eval()
+
+
+def val_videos(base: Path, params, limit: int | None = None) -> list[tuple[dict, dict, torch.Tensor]]:
+    """(video, observed, truth) for the first `limit` val videos of the run in `base` (default: all).
+
+    video: the first window of each (a batch of one, flows included); observed: its first eval.context frames
+    as a predictor may read them (pipeline.clips.clip_slice, observed=True); truth: the eval.horizon frames
+    after them [1,Hz,3,H,W].
+    """
+    from pipeline.clips import clip_slice
+    from pipeline.data.datasets import ClipDataset, split_group
+
+    frames_h5 = base / params.paths.frames
+    data = ClipDataset(frames_h5, "val", split_group(frames_h5, "val")[1], flow_h5=base / params.paths.flow,
+                       first_window_only=True)
+    C, Hz = params.eval.context, params.eval.horizon
+    out = []
+    for i in range(len(data) if limit is None else min(limit, len(data))):
+        video = {k: v[None] for k, v in data[i].items()}
+        out.append((video, clip_slice(video, 0, C, observed=True), video["frames"][:, C:C + Hz]))
+    return out
+
+
 def copy_project(dst: Path) -> None:
     """Copy what a clone of the working tree holds (tracked + untracked-not-ignored), without reports."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,

@@ -1,0 +1,38 @@
+"""bench/common.py's run readers and bench_mask_steps' refusals: what the diagnostics score is what infer reads."""
+import dataclasses
+
+import pytest
+import torch
+
+from bench.bench_mask_steps import mask_step_configs
+from bench.common import val_videos
+from helpers import write_clip_files
+from pipeline.clips import clip_slice
+
+
+def test_val_videos_are_the_first_window_split_into_context_and_horizon(tiny_params, tmp_path):
+    frames_h5, flow_h5, videos = write_clip_files(tmp_path, splits=("val",), N=3, T=8)
+    paths = dataclasses.replace(tiny_params.paths, frames=str(frames_h5), flow=str(flow_h5))
+    p = dataclasses.replace(tiny_params, paths=paths, eval=dataclasses.replace(tiny_params.eval, context=3, horizon=4))
+    got = val_videos(tmp_path, p, limit=2)
+    assert len(got) == 2 and len(val_videos(tmp_path, p)) == 3
+    for i, (video, observed, truth) in enumerate(got):
+        frames = torch.from_numpy(videos["val"][i]).permute(0, 3, 1, 2).float() / 255  # [T,3,H,W]
+        assert truth.shape == (1, 4, 3, 32, 32) and torch.allclose(truth[0], frames[3:7], atol=1e-6)
+        expected = clip_slice(video, 0, 3, observed=True)
+        assert observed.keys() == expected.keys() and "collision" not in observed  # what a predictor may read
+        assert all(torch.equal(observed[k], expected[k]) for k in observed)
+        assert torch.allclose(observed["frames"][0], frames[:3], atol=1e-6)
+
+
+def test_mask_step_configs_refuse_what_one_trained_model_cannot_answer(tiny_params):
+    cfg = dataclasses.replace(tiny_params.model, arch="warp_occ", warp_space="pixel", fill="extrap", mask_steps=0)
+    out = mask_step_configs(cfg, rollout=4, values=[0, 4, 12])
+    assert {k: c.mask_steps for k, c in out.items()} == {0: 0, 4: 4, 12: 12}
+    assert all(dataclasses.replace(c, mask_steps=0) == cfg for c in out.values())  # only the cut differs
+    with pytest.raises(ValueError, match=r"--values \[2\]: below train.rollout=4"):
+        mask_step_configs(cfg, rollout=4, values=[0, 2, 8])
+    with pytest.raises(ValueError, match="trained with model.mask_steps=2 < train.rollout=4"):
+        mask_step_configs(dataclasses.replace(cfg, mask_steps=2), rollout=4, values=[8])
+    with pytest.raises(ValueError, match=r"model.mask_steps=8.*fill none"):
+        mask_step_configs(dataclasses.replace(cfg, fill="none"), rollout=4, values=[0, 8])
