@@ -17,8 +17,6 @@ import argparse
 import dataclasses
 import os
 import sys
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the flow stage does (see pipeline/stages/flow.py)
 import tempfile
 import time
 from pathlib import Path

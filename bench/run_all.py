@@ -8,11 +8,12 @@ Benchmarks, in order (NAME: script -> result):
   flow      bench_flow.py      pairs/s per flow backend, EPE vs the exact synthetic flow
   train     bench_train.py     training samples/s per temporal arch and per VAE
   infer     bench_infer.py     inference frames/s with and without test-time training
+  wait_policy bench_wait_policy.py  train_temporal wall time, libgomp's default wait policy vs PASSIVE (ratio)
   temporal  bench_temporal.py  quality of the five archs on the test protocol, with intervals (needs a base run:
                                --temporal-data DIR with data/ and models/, default this repo after `dvc repro`)
   pipeline  bench_pipeline.py  default `dvc repro` wall time and no-op `dvc repro` time (slow)
   memory    bench_memory.py    peak memory of extract and train_vae at 1x, 2x, 4x the default videos (slow)
---quick skips temporal, pipeline and memory and the CPU raft_large flow rows. render/extract/flow/train/infer
+--quick skips temporal, pipeline and memory and the CPU raft_large flow rows. render/extract/flow/train/infer/wait_policy
 share one workspace (a project copy with the upstream stages run on the default data, see bench_train.py).
 --set overrides params of that workspace and of the pipeline benchmark (for smoke runs only: the table
 records them). A benchmark that fails is reported in the table and makes the exit status non-zero.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, RESULTS, machine  # noqa: E402
 
 BENCH = REPO / "bench"
-ORDER = ["render", "extract", "flow", "train", "infer", "temporal", "pipeline", "memory"]
+ORDER = ["render", "extract", "flow", "train", "infer", "wait_policy", "temporal", "pipeline", "memory"]
 SLOW = {"temporal", "pipeline", "memory"}
 TEMPORAL_FILES = ["data/frames.h5", "data/flow.h5", "data/latents.h5", "models/vae.pt", "models/flow_vae.pt"]
 
@@ -51,6 +52,7 @@ def commands(names: list[str], *, workspace: Path, quick: bool, overrides: list[
         "train": ["bench_train.py", "--workspace", str(workspace), *sets,
                   *(["--steps", str(train_steps)] if train_steps else [])],
         "infer": ["bench_infer.py", "--workspace", str(workspace), *sets],
+        "wait_policy": ["bench_wait_policy.py", "--base", str(workspace)],
         "temporal": (["bench_temporal.py", "--base", str(temporal_data)] if temporal_data is not None else
                      "no trained upstream outputs (run `dvc repro` first or pass --temporal-data DIR)"),
         "pipeline": ["bench_pipeline.py", *sets],
@@ -120,6 +122,11 @@ def headline(name: str, r: dict) -> list[tuple[str, str]]:
                    if row["ttt_supported"] else f"TTT n/a ({row['ttt_reason']})")
             rows.append((f"infer {row['arch']} ({row['device']})", f"{_fmt(row['fps_model'])} frames/s rollout; {ttt}"))
         return rows
+    if name == "wait_policy":
+        d, q, r_ = r["policies"]["default"], r["policies"]["PASSIVE"], r["passive_over_default_wall"]
+        return [(f"{r['stage']} ({r['steps']} steps), OMP_WAIT_POLICY=PASSIVE vs unset",
+                 f"{q['wall_s_median']} vs {d['wall_s_median']} s wall: ratio {r_['median']:.2f} "
+                 f"(min {r_['min']:.2f}, max {r_['max']:.2f}, {r['pairs']} pairs)")]
     if name == "temporal":
         rows = []
         for row in r["rows"]:

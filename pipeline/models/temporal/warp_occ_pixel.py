@@ -106,7 +106,7 @@ class PixelWarpOcc(TemporalModel):
                                       dim=1))  # [B,hid,H,W] on frame k's grid
             mask_logit = self.mask_head(g)  # [B,1,H,W]
             mask = torch.sigmoid(mask_logit) if self.model_cfg.mask == "learned" else torch.ones_like(mask_logit)
-            if 0 < self.model_cfg.mask_steps < k:  # past the steps the mask is trusted for: the fill alone
+            if 0 < self.model_cfg.mask_steps < k:  # past the steps the mask is trusted for: the fill (+ residual)
                 mask = torch.zeros_like(mask_logit)
             residual = self.residual_head(g)  # [B,3,H,W]
             frame = warped * mask + residual + (fill * (1 - mask) if use_fill else 0)

@@ -1,0 +1,91 @@
+"""OpenMP wait policy: wall time of the train_temporal stage with libgomp's default against OMP_WAIT_POLICY=PASSIVE.
+
+Usage: python bench/bench_wait_policy.py [--steps 40] [--pairs 3] [--base DIR]
+
+The pipeline sets no wait policy (libgomp's default: spin briefly, then sleep). PASSIVE (sleep at once) saves
+CPU for other jobs on a shared machine, but wakes torch's threads late after every parallel region. This runs
+`python -m pipeline.stages.train_temporal` for --steps steps in a copy of the project that reads the
+inputs of DIR (default: the workspace) (frames.h5, flow.h5 and, where present, latents.h5 and the VAEs: linked, never written), the two policies in
+turn (default, PASSIVE, default, ...), and prints each one's median wall and CPU seconds and the median of
+the pairwise ratios PASSIVE / default. Writes bench/results/wait_policy.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, copy_project, save, set_params  # noqa: E402
+
+POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
+
+
+def run_stage(root: Path, policy: str | None) -> tuple[float, float]:
+    """(wall, CPU) seconds of one train_temporal stage run in `root` under `policy` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    before = os.times()
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.train_temporal"], cwd=root, env=env,
+                            capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = os.times()
+    if result.returncode != 0:
+        raise SystemExit(f"train_temporal failed under OMP_WAIT_POLICY={policy}:\n{result.stderr[-3000:]}")
+    return wall, (after.children_user - before.children_user) + (after.children_system - before.children_system)
+
+
+def main() -> None:
+    from pipeline.config import load_params
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40, help="training steps per run")
+    ap.add_argument("--pairs", type=int, default=3, help="runs of each policy, in turn")
+    ap.add_argument("--base", type=Path, default=REPO, help="the run whose inputs to read (default: the workspace)")
+    args = ap.parse_args()
+    base = args.base.resolve()
+    p = load_params(base / "params.yaml")
+    missing = [f for f in (p.paths.frames, p.paths.flow) if not (base / f).is_file()]
+    if missing:
+        raise SystemExit(f"{base}: {', '.join(missing)} missing: run `dvc repro encode` there first")
+    inputs = [f for f in (p.paths.frames, p.paths.flow, p.paths.latents, p.paths.vae, p.paths.flow_vae)
+              if (base / f).is_file()]  # what the arch needs of them, the stage checks itself
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in POLICIES}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "project"
+        copy_project(root)
+        for f in inputs:  # the workspace's inputs, read only; the run's outputs stay in the copy
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).unlink(missing_ok=True)
+            (root / f).symlink_to(base / f)
+        (root / "params.yaml").write_text((base / "params.yaml").read_text())  # the run's own params
+        set_params(root / "params.yaml", [f"train.steps={args.steps}"])
+        for i in range(args.pairs):
+            for name, policy in POLICIES.items():
+                runs[name].append(run_stage(root, policy))
+                print(f"  pair {i + 1}/{args.pairs} {name}: {runs[name][-1][0]:.1f} s wall", flush=True)
+    result = {"base": str(base), "stage": "train_temporal", "steps": args.steps, "pairs": args.pairs, "policies": {}}
+    for name, rows in runs.items():
+        result["policies"][name] = {"wall_s_median": round(statistics.median(w for w, _ in rows), 1),
+                                    "cpu_s_median": round(statistics.median(c for _, c in rows), 1),
+                                    "wall_s": [round(w, 1) for w, _ in rows]}
+    ratios = [b[0] / a[0] for a, b in zip(runs["default"], runs["PASSIVE"])]
+    result["passive_over_default_wall"] = {"median": round(statistics.median(ratios), 3),
+                                           "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+    for name, row in result["policies"].items():
+        print(f"{name:>8}: {row['wall_s_median']} s wall, {row['cpu_s_median']} s CPU (median of {args.pairs})")
+    r = result["passive_over_default_wall"]
+    print(f"PASSIVE / default wall: {r['median']:.2f} (min {r['min']:.2f}, max {r['max']:.2f})")
+    print(f"wrote {save('wait_policy', result)}")
+
+
+if __name__ == "__main__":
+    main()
