@@ -1,13 +1,13 @@
 """OpenMP wait policy: wall time of the train_temporal stage with libgomp's default against OMP_WAIT_POLICY=PASSIVE.
 
-Usage: python bench/bench_wait_policy.py [--steps 40] [--pairs 3] [--base DIR]
+Usage: python bench/bench_wait_policy.py [--steps 40] [--pairs 3] [--base DIR] [-S KEY=VALUE ...] [--name NAME]
 
 The pipeline sets no wait policy (libgomp's default: spin briefly, then sleep). PASSIVE (sleep at once) saves
 CPU for other jobs on a shared machine, but wakes torch's threads late after every parallel region. This runs
 `python -m pipeline.stages.train_temporal` for --steps steps in a copy of the project that reads the
 inputs of DIR (default: the workspace) (frames.h5, flow.h5 and, where present, latents.h5 and the VAEs: linked, never written), the two policies in
 turn (default, PASSIVE, default, ...), and prints each one's median wall and CPU seconds and the median of
-the pairwise ratios PASSIVE / default. Writes bench/results/wait_policy.json.
+the pairwise ratios PASSIVE / default. Writes bench/results/wait_policy[_NAME].json.
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="training steps per run")
     ap.add_argument("--pairs", type=int, default=3, help="runs of each policy, in turn")
     ap.add_argument("--base", type=Path, default=REPO, help="the run whose inputs to read (default: the workspace)")
+    ap.add_argument("-S", "--set", action="append", default=[], help="param override KEY=VALUE (e.g. model.arch=dual_vae)")
+    ap.add_argument("--name", default="", help="suffix of the results file")
     args = ap.parse_args()
     base = args.base.resolve()
     p = load_params(base / "params.yaml")
@@ -67,12 +69,12 @@ def main() -> None:
             (root / f).unlink(missing_ok=True)
             (root / f).symlink_to(base / f)
         (root / "params.yaml").write_text((base / "params.yaml").read_text())  # the run's own params
-        set_params(root / "params.yaml", [f"train.steps={args.steps}"])
+        set_params(root / "params.yaml", [*args.set, f"train.steps={args.steps}"])
         for i in range(args.pairs):
             for name, policy in POLICIES.items():
                 runs[name].append(run_stage(root, policy))
                 print(f"  pair {i + 1}/{args.pairs} {name}: {runs[name][-1][0]:.1f} s wall", flush=True)
-    result = {"base": str(base), "stage": "train_temporal", "steps": args.steps, "pairs": args.pairs, "policies": {}}
+    result = {"base": str(base), "overrides": args.set, "stage": "train_temporal", "steps": args.steps, "pairs": args.pairs, "policies": {}}
     for name, rows in runs.items():
         result["policies"][name] = {"wall_s_median": round(statistics.median(w for w, _ in rows), 1),
                                     "cpu_s_median": round(statistics.median(c for _, c in rows), 1),
@@ -84,7 +86,7 @@ def main() -> None:
         print(f"{name:>8}: {row['wall_s_median']} s wall, {row['cpu_s_median']} s CPU (median of {args.pairs})")
     r = result["passive_over_default_wall"]
     print(f"PASSIVE / default wall: {r['median']:.2f} (min {r['min']:.2f}, max {r['max']:.2f})")
-    print(f"wrote {save('wait_policy', result)}")
+    print(f"wrote {save('wait_policy' + (f'_{args.name}' if args.name else ''), result)}")
 
 
 if __name__ == "__main__":
