@@ -4,10 +4,11 @@ Usage: python bench/bench_wait_policy.py [--steps 40] [--pairs 3] [--base DIR] [
 
 The pipeline sets no wait policy (libgomp's default: spin briefly, then sleep). PASSIVE (sleep at once) saves
 CPU for other jobs on a shared machine, but wakes torch's threads late after every parallel region. This runs
-`python -m pipeline.stages.train_temporal` for --steps steps in a copy of the project that reads the
-inputs of DIR (default: the workspace) (frames.h5, flow.h5 and, where present, latents.h5 and the VAEs: linked, never written), the two policies in
-turn (default, PASSIVE, default, ...), and prints each one's median wall and CPU seconds and the median of
-the pairwise ratios PASSIVE / default. Writes bench/results/wait_policy[_NAME].json.
+`python -m pipeline.stages.train_temporal` for --steps steps in a copy of the project with DIR's params (plus
+-S overrides) that reads DIR's inputs (default: the workspace; frames.h5, flow.h5 and, where present,
+latents.h5 and the VAEs, linked and never written), the two policies in turn (default, PASSIVE, default, ...),
+and prints each one's median wall and CPU seconds and the median of the pairwise ratios PASSIVE / default.
+Writes bench/results/wait_policy[_NAME].json.
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def main() -> None:
             for name, policy in POLICIES.items():
                 runs[name].append(run_stage(root, policy))
                 print(f"  pair {i + 1}/{args.pairs} {name}: {runs[name][-1][0]:.1f} s wall", flush=True)
-    result = {"base": str(base), "overrides": args.set, "stage": "train_temporal", "steps": args.steps, "pairs": args.pairs, "policies": {}}
+    result = {"base": str(base), "overrides": args.set, "stage": "train_temporal", "steps": args.steps,
+              "pairs": args.pairs, "policies": {}}
     for name, rows in runs.items():
         result["policies"][name] = {"wall_s_median": round(statistics.median(w for w, _ in rows), 1),
                                     "cpu_s_median": round(statistics.median(c for _, c in rows), 1),
