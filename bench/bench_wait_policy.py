@@ -4,10 +4,11 @@ Usage: python bench/bench_wait_policy.py [--steps 40] [--pairs 3] [--base DIR] [
 
 The pipeline sets no wait policy (libgomp's default: spin briefly, then sleep). PASSIVE (sleep at once) saves
 CPU for other jobs on a shared machine, but wakes torch's threads late after every parallel region. This runs
-`python -m pipeline.stages.train_temporal` for --steps steps in a copy of the project with DIR's params (plus
--S overrides) that reads DIR's inputs (default: the workspace; frames.h5, flow.h5 and, where present,
-latents.h5 and the VAEs, linked and never written), the two policies in turn (default, PASSIVE, default, ...),
-and prints each one's median wall and CPU seconds and the median of the pairwise ratios PASSIVE / default.
+`python -m pipeline.stages.train_temporal` for --steps steps with DIR's params (plus -S overrides) in a
+temporary directory: its inputs are read from DIR (default: the workspace; paths.* pointed there, nothing of DIR
+written), its checkpoint and reports go to the temporary directory. The two policies run in turn (default,
+PASSIVE, default, ...); printed: each one's median wall and CPU seconds and the median of the pairwise ratios
+PASSIVE / default.
 Writes bench/results/wait_policy[_NAME].json.
 """
 from __future__ import annotations
@@ -23,14 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, copy_project, save, set_params  # noqa: E402
+import yaml  # noqa: E402
+
+from bench.common import REPO, apply_overrides, save  # noqa: E402
 
 POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
+INPUTS = ("frames", "flow", "latents", "vae", "flow_vae", "pretrained")  # paths.* the stage reads
 
 
 def run_stage(root: Path, policy: str | None) -> tuple[float, float]:
     """(wall, CPU) seconds of one train_temporal stage run in `root` under `policy` (None: unset)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     before = os.times()
@@ -59,18 +64,15 @@ def main() -> None:
     missing = [f for f in (p.paths.frames, p.paths.flow) if not (base / f).is_file()]
     if missing:
         raise SystemExit(f"{base}: {', '.join(missing)} missing: run `dvc repro encode` there first")
-    inputs = [f for f in (p.paths.frames, p.paths.flow, p.paths.latents, p.paths.vae, p.paths.flow_vae)
-              if (base / f).is_file()]  # what the arch needs of them, the stage checks itself
+    raw = yaml.safe_load((base / "params.yaml").read_text())
+    apply_overrides(raw, [*args.set, f"train.steps={args.steps}"])
+    for name in INPUTS:
+        raw["paths"][name] = str(base / raw["paths"][name])
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in POLICIES}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "project"
-        copy_project(root)
-        for f in inputs:  # the workspace's inputs, read only; the run's outputs stay in the copy
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            (root / f).unlink(missing_ok=True)
-            (root / f).symlink_to(base / f)
-        (root / "params.yaml").write_text((base / "params.yaml").read_text())  # the run's own params
-        set_params(root / "params.yaml", [*args.set, f"train.steps={args.steps}"])
+        root = Path(tmp)
+        raw["paths"].update(temporal=str(root / "temporal.pt"), reports=str(root / "reports"))
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         for i in range(args.pairs):
             for name, policy in POLICIES.items():
                 runs[name].append(run_stage(root, policy))
