@@ -2,6 +2,7 @@
 
 Usage: python bench/bench_pipeline.py [--set KEY=VALUE ...]   (e.g. --set data.videos.train=96)
        python bench/bench_pipeline.py --clone                 # a `git clone` of HEAD, as a new user gets it
+       python bench/bench_pipeline.py --clone --name NAME     # writes bench/results/pipeline_NAME.json
 
 With --clone (no overrides) the run is also the reproducibility check: after `dvc repro` in the clone,
 `git status --short dvc.lock` must print nothing, i.e. every output hashes as the committed dvc.lock says;
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="param override KEY=VALUE, e.g. data.videos.train=96")
     parser.add_argument("--clone", action="store_true", help="git clone HEAD instead of copying the working tree, "
                                                              "and check dvc.lock afterwards")
+    parser.add_argument("--name", default=None, help="results name: bench/results/pipeline_<name>.json "
+                                                      "(e.g. for a run on another machine type)")
     args = parser.parse_args()
     if args.clone and args.set:
         raise SystemExit("--clone checks the committed dvc.lock: it takes no --set overrides")
@@ -83,7 +86,7 @@ def main() -> None:
     if check is not None:
         print(f"git status --short dvc.lock: {check['git_status_dvc_lock'] or '(nothing)'}; "
               f"outs differing: {check['outs_differing'] or 'none'}")
-    print(f"wrote {save('pipeline', result)}")
+    print(f"wrote {save('pipeline' + (f'_{args.name}' if args.name else ''), result)}")
 
 
 if __name__ == "__main__":

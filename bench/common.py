@@ -15,10 +15,33 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """The CPU's model name and its vector extensions (avx*, amx*) from /proc/cpuinfo; None where unknown."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return {"name": None, "vector_flags": None}
+    name, flags = None, None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if sep and name is None and key in ("model name", "Model", "cpu model"):
+            name = value.strip() or None
+        if sep and flags is None and key in ("flags", "Features"):
+            flags = sorted(f for f in value.split() if f.startswith(("avx", "amx", "sve", "asimd")))
+    return {"name": name, "vector_flags": flags}
+
+
 def machine() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on.
+
+    The CPU model and the vector ISA torch dispatches to are part of it: float training on another CPU
+    type takes other MKL / oneDNN kernels, so its trained weights differ in the last bits (README
+    "Reproducibility").
+    """
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(), "gpu": gpu,
+    return {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version()}
 
 

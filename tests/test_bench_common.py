@@ -36,3 +36,17 @@ def test_mask_step_configs_refuse_what_one_trained_model_cannot_answer(tiny_para
         mask_step_configs(dataclasses.replace(cfg, mask_steps=2), rollout=4, values=[8])
     with pytest.raises(ValueError, match=r"model.mask_steps=8.*fill none"):
         mask_step_configs(dataclasses.replace(cfg, fill="none"), rollout=4, values=[0, 8])
+
+
+def test_machine_names_the_cpu_model_and_the_isa_torch_uses(tmp_path):
+    from bench.common import cpu_model, machine
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some Xeon(R) CPU\nflags\t: fpu sse2 avx2 avx512f amx_tile\n"
+                    "processor\t: 1\nmodel name\t: Some Xeon(R) CPU\nflags\t: fpu sse2 avx2 avx512f amx_tile\n")
+    assert cpu_model(info) == {"name": "Some Xeon(R) CPU", "vector_flags": ["amx_tile", "avx2", "avx512f"]}
+    info.write_text("processor\t: 0\n")
+    assert cpu_model(info) == {"name": None, "vector_flags": None}
+    assert cpu_model(tmp_path / "absent") == {"name": None, "vector_flags": None}
+    m = machine()
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cpu_capability"]
+    assert {"cpu_count", "processor", "cpu", "gpu", "torch", "python"} <= m.keys()
