@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params, to_dict  # noqa: E402
 from pipeline.data.synthetic import render_video, save_npz  # noqa: E402
 from pipeline.data.video import encode_video  # noqa: E402
+from bench.common import machine  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "render.json"
@@ -53,6 +54,7 @@ def main() -> None:
         save_npz(Path(tmp) / "one.npz", gt)
         t3, c3 = time.perf_counter(), time.process_time()
     result = {
+        "benchmark": "render", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
         "params": {"synthetic": to_dict(syn), "videos": to_dict(data.videos), "workers": data.workers},
         "cpus": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2),

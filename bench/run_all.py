@@ -1,6 +1,7 @@
 """Run every benchmark in bench/ and write bench/results/<name>.json plus bench/results/README.md (headline table).
 
 Usage: python bench/run_all.py [--quick] [--only NAME[,NAME]] [--workspace DIR] [--set KEY=VALUE ...]
+       python bench/run_all.py --table     # rewrite bench/results/README.md from the result files, run nothing
 
 Benchmarks, in order (NAME: script -> result):
   render    bench_render.py    synthetic renderer ms/frame on the default data
@@ -151,10 +152,11 @@ def write_table(status: dict[str, dict], overrides: list[str]) -> Path:
     """bench/results/README.md: one row per headline figure of every result file present."""
     m = machine()
     lines = ["# Benchmark results", "",
-             f"Written by `python bench/run_all.py` on {time.strftime('%Y-%m-%d %H:%M')}. Machine: "
-             f"{m['cpu_count']} CPUs ({m['processor']}), GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
+             f"Written by `python bench/run_all.py` on {time.strftime('%Y-%m-%d %H:%M')} on {m['cpu_count']} CPUs "
+             f"({m['processor']}, {m.get('cpu_capability') or '?'}), GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
              f"Python {m['python']}; load average {os.getloadavg()[0]:.1f} at the end (a shared machine makes "
-             "wall times noisy).", ""]
+             "wall times noisy). Each row was measured where its `machine` column says (a row whose file predates "
+             "the CPU capability record shows none).", ""]
     if overrides:
         lines += [f"**Smoke run with param overrides {overrides}: not the default-data figures.**", ""]
     lines += ["| benchmark | figure | value | measured | machine |", "|---|---|---|---|---|"]
@@ -167,10 +169,9 @@ def write_table(status: dict[str, dict], overrides: list[str]) -> Path:
             lines.append(f"| {name} | - | not measured{' (' + st['status'] + ')' if st else ''} | | |")
             continue
         where = r.get("machine") or {"cpu_count": r.get("cpus", "?")}  # bench_render writes `cpus` only
-        box = f"{where.get('cpu_count', '?')} CPU" + (f", {where['gpu']}" if where.get("gpu") else "")
-        when = r.get("measured_at") or time.strftime("%Y-%m-%dT%H:%M", time.localtime((RESULTS / f"{name}.json")
-                                                                                     .stat().st_mtime))
-        when = when.replace("T", " ")[:16]
+        box = (f"{where.get('cpu_count', '?')} CPU" + (f" {where['cpu_capability']}" if where.get("cpu_capability") else "")
+               + (f", {where['gpu']}" if where.get("gpu") else ""))
+        when = (r.get("measured_at") or "?").replace("T", " ")[:16]  # a file's mtime is its checkout's, not its run's
         try:
             rows = headline(name, r)
         except (KeyError, TypeError, ZeroDivisionError) as e:  # an older result file of another layout
@@ -194,7 +195,13 @@ def main() -> None:
                              "default: this repo")
     parser.add_argument("--set", action="append", default=[], help="param override KEY=VALUE (smoke runs)")
     parser.add_argument("--train-steps", type=int, default=None, help="steps per arch in bench_train (default 30)")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from the result files present")
     args = parser.parse_args()
+    if args.table:
+        if args.only or args.quick or args.set:
+            raise SystemExit("--table runs nothing: it takes no --only, --quick or --set")
+        print(write_table({}, []).read_text())
+        return
     only = [n for item in args.only for n in item.split(",") if n]
     unknown = sorted(set(only) - set(ORDER))
     if unknown:
