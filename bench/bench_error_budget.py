@@ -104,11 +104,13 @@ def main() -> None:
               "by_event": {}}
     for name in ("collision", "enters", "neither"):
         idx = [i for i, e in enumerate(events) if e[name]]
-        result["by_event"][name] = {
-            "videos": len(idx),
-            "model_psnr": round(float(np.mean([col["psnr"][i] for i in idx])), 4) if idx else None,
-            "model_psnr_last_step": round(float(np.mean([col["psnr_last_step"][i] for i in idx])), 4) if idx else None,
-            "flow_advect_psnr": round(float(np.mean([advect[i] for i in idx])), 4) if idx else None}
+
+        def group_mean(values: list[float]) -> float | None:
+            return round(float(np.mean([values[i] for i in idx])), 4) if idx else None
+
+        result["by_event"][name] = {"videos": len(idx), "model_psnr": group_mean(col["psnr"]),
+                                    "model_psnr_last_step": group_mean(col["psnr_last_step"]),
+                                    "flow_advect_psnr": group_mean(advect)}
     mean = result["mean"]
     print(f"model {mean['psnr']:.2f} dB (step {Hz}: {mean['psnr_last_step']:.2f}); fill: {100 * mean['fill_pixels']:.1f} % "
           f"of pixels, {100 * mean['fill_error_share']:.1f} % of the squared error; a perfect fill "
@@ -117,7 +119,7 @@ def main() -> None:
     for name, g in result["by_event"].items():
         print(f"  {name}: {g['videos']} videos, model {g['model_psnr']} dB (step {Hz}: {g['model_psnr_last_step']}), "
               f"flow_advect {g['flow_advect_psnr']}")
-    print(f"wrote {save('error_budget' + (f'_{args.name}' if args.name else ''), result)}")
+    print(f"wrote {save('error_budget', result, suffix=args.name)}")
 
 
 if __name__ == "__main__":

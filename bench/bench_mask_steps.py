@@ -91,7 +91,7 @@ def main() -> None:
                         if f"minus_{o}" in row)
         print(f"  {name}: {row['psnr']:.2f} dB{extra}")
     result["seconds"] = round(time.perf_counter() - t0)
-    print(f"wrote {save('mask_steps' + (f'_{args.name}' if args.name else ''), result)}")
+    print(f"wrote {save('mask_steps', result, suffix=args.name)}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="param override KEY=VALUE, e.g. data.videos.train=96")
     parser.add_argument("--clone", action="store_true", help="git clone HEAD instead of copying the working tree, "
                                                              "and check dvc.lock afterwards")
-    parser.add_argument("--name", default=None, help="results name: bench/results/pipeline_<name>.json "
+    parser.add_argument("--name", default="", help="results name: bench/results/pipeline_<name>.json "
                                                       "(e.g. for a run on another machine type)")
     args = parser.parse_args()
     if args.clone and args.set:
@@ -86,7 +86,7 @@ def main() -> None:
     if check is not None:
         print(f"git status --short dvc.lock: {check['git_status_dvc_lock'] or '(nothing)'}; "
               f"outs differing: {check['outs_differing'] or 'none'}")
-    print(f"wrote {save('pipeline' + (f'_{args.name}' if args.name else ''), result)}")
+    print(f"wrote {save('pipeline', result, suffix=args.name)}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def main() -> None:
         result[f"{name}_minus_none"] = {"psnr": round(d.mean, 4), "lo": round(d.lo, 4), "hi": round(d.hi, 4)}
         print(f"{name:>8} - none: {d.mean:+.3f} dB [{d.lo:+.3f}, {d.hi:+.3f}]")
     result["seconds"] = round(time.perf_counter() - t0)
-    print(f"wrote {save('ttt_ceiling' + (f'_{args.name}' if args.name else ''), result)}")
+    print(f"wrote {save('ttt_ceiling', result, suffix=args.name)}")
 
 
 if __name__ == "__main__":

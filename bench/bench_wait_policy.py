@@ -90,7 +90,7 @@ def main() -> None:
         print(f"{name:>8}: {row['wall_s_median']} s wall, {row['cpu_s_median']} s CPU (median of {args.pairs})")
     r = result["passive_over_default_wall"]
     print(f"PASSIVE / default wall: {r['median']:.2f} (min {r['min']:.2f}, max {r['max']:.2f})")
-    print(f"wrote {save('wait_policy' + (f'_{args.name}' if args.name else ''), result)}")
+    print(f"wrote {save('wait_policy', result, suffix=args.name)}")
 
 
 if __name__ == "__main__":

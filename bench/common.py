@@ -45,8 +45,9 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def save(name: str, result: dict) -> Path:
-    """Write bench/results/<name>.json with the machine and a timestamp."""
+def save(name: str, result: dict, *, suffix: str = "") -> Path:
+    """Write bench/results/<name>[_<suffix>].json with the machine and a timestamp."""
+    name = f"{name}_{suffix}" if suffix else name
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **result}

@@ -153,7 +153,7 @@ def write_table(status: dict[str, dict], overrides: list[str]) -> Path:
     m = machine()
     lines = ["# Benchmark results", "",
              f"Written by `python bench/run_all.py` on {time.strftime('%Y-%m-%d %H:%M')} on {m['cpu_count']} CPUs "
-             f"({m['processor']}, {m.get('cpu_capability') or '?'}), GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
+             f"({m['processor']}, {m['cpu_capability']}), GPU: {m['gpu'] or 'none'}, torch {m['torch']}, "
              f"Python {m['python']}; load average {os.getloadavg()[0]:.1f} at the end (a shared machine makes "
              "wall times noisy). Each row was measured where its `machine` column says (a row whose file predates "
              "the CPU capability record shows none).", ""]

@@ -50,3 +50,15 @@ def test_machine_names_the_cpu_model_and_the_isa_torch_uses(tmp_path):
     m = machine()
     assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cpu_capability"]
     assert {"cpu_count", "processor", "cpu", "gpu", "torch", "python"} <= m.keys()
+
+
+def test_save_names_the_file_and_the_benchmark_with_the_suffix(tmp_path, monkeypatch):
+    import json
+
+    import bench.common as common
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert common.save("ttt_ceiling", {"x": 1}) == tmp_path / "ttt_ceiling.json"
+    path = common.save("ttt_ceiling", {"x": 2}, suffix="all")
+    assert path == tmp_path / "ttt_ceiling_all.json"
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "ttt_ceiling_all" and payload["x"] == 2 and "machine" in payload
