@@ -65,8 +65,8 @@ def trained_temporal(base: Path, params) -> tuple[dict, torch.nn.Module]:
     return ckpt, model_from_checkpoint(ckpt, rebuild_temporal, path=path).eval()
 
 
-def val_videos(base: Path, params, limit: int | None = None) -> list[tuple[dict, dict, torch.Tensor]]:
-    """(video, observed, truth) for the first `limit` val videos of the run in `base` (default: all).
+def val_videos(base: Path, params, limit: int | None = None, *, split: str = "val") -> list[tuple[dict, dict, torch.Tensor]]:
+    """(video, observed, truth) for the first `limit` videos of `split` (val unless told) of the run in `base`.
 
     video: the first window of each (a batch of one, flows included); observed: its first eval.context frames
     as a predictor may read them (pipeline.clips.clip_slice, observed=True); truth: the eval.horizon frames
@@ -76,7 +76,7 @@ def val_videos(base: Path, params, limit: int | None = None) -> list[tuple[dict,
     from pipeline.data.datasets import ClipDataset, split_group
 
     frames_h5 = base / params.paths.frames
-    data = ClipDataset(frames_h5, "val", split_group(frames_h5, "val")[1], flow_h5=base / params.paths.flow,
+    data = ClipDataset(frames_h5, split, split_group(frames_h5, split)[1], flow_h5=base / params.paths.flow,
                        first_window_only=True)
     C, Hz = params.eval.context, params.eval.horizon
     out = []

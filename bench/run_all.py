@@ -12,9 +12,11 @@ Benchmarks, in order (NAME: script -> result):
   wait_policy bench_wait_policy.py  train_temporal wall time, libgomp's default wait policy vs PASSIVE (ratio)
   temporal  bench_temporal.py  quality of the five archs on the test protocol, with intervals (needs a base run:
                                --temporal-data DIR with data/ and models/, default this repo after `dvc repro`)
+  published bench_published.py published archs (SimVP, MVFN, ConvLSTM) trained from scratch on the base run's frames,
+                               10 CPU minutes each, scored beside its model on val and test (same base as temporal)
   pipeline  bench_pipeline.py  default `dvc repro` wall time and no-op `dvc repro` time (slow)
   memory    bench_memory.py    peak memory of extract and train_vae at 1x, 2x, 4x the default videos (slow)
---quick skips temporal, pipeline and memory and the CPU raft_large flow rows. render/extract/flow/train/infer/wait_policy
+--quick skips temporal, published, pipeline and memory and the CPU raft_large flow rows. render/extract/flow/train/infer/wait_policy
 share one workspace (a project copy with the upstream stages run on the default data, see bench_train.py).
 --set overrides params of that workspace and of the pipeline benchmark (for smoke runs only: the table
 records them). A benchmark that fails is reported in the table and makes the exit status non-zero.
@@ -35,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, RESULTS, machine  # noqa: E402
 
 BENCH = REPO / "bench"
-ORDER = ["render", "extract", "flow", "train", "infer", "wait_policy", "temporal", "pipeline", "memory"]
-SLOW = {"temporal", "pipeline", "memory"}
+ORDER = ["render", "extract", "flow", "train", "infer", "wait_policy", "temporal", "published", "pipeline", "memory"]
+SLOW = {"temporal", "published", "pipeline", "memory"}
 TEMPORAL_FILES = ["data/frames.h5", "data/flow.h5", "data/latents.h5", "models/vae.pt", "models/flow_vae.pt"]
 
 
@@ -56,6 +58,8 @@ def commands(names: list[str], *, workspace: Path, quick: bool, overrides: list[
         "wait_policy": ["bench_wait_policy.py", "--base", str(workspace)],
         "temporal": (["bench_temporal.py", "--base", str(temporal_data)] if temporal_data is not None else
                      "no trained upstream outputs (run `dvc repro` first or pass --temporal-data DIR)"),
+        "published": (["bench_published.py", "--base", str(temporal_data)] if temporal_data is not None else
+                      "no trained upstream outputs (run `dvc repro` first or pass --temporal-data DIR)"),
         "pipeline": ["bench_pipeline.py", *sets],
         "memory": ["bench_memory.py"],
     }
@@ -136,6 +140,14 @@ def headline(name: str, r: dict) -> list[tuple[str, str]]:
                          f"{m['psnr']:.2f} dB [{m['psnr_lo']:.2f}, {m['psnr_hi']:.2f}], {d['psnr']:+.2f} dB "
                          f"[{d['psnr_lo']:+.2f}, {d['psnr_hi']:+.2f}] vs flow_extrap; trained in {row['train_seconds']} s"))
         return rows
+    if name == "published":
+        rows = []
+        for arch, run in r["archs"].items():
+            m, d = r["splits"]["test"]["methods"][arch]["psnr"], r["splits"]["test"]["model_minus"][arch]["psnr"]
+            rows.append((f"published {arch} (test), {run['steps']} steps in {run['train_s']:.0f} s",
+                         f"{m['mean']:.2f} dB [{m['lo']:.2f}, {m['hi']:.2f}]; model - {arch} {d['mean']:+.2f} dB "
+                         f"[{d['lo']:+.2f}, {d['hi']:+.2f}]"))
+        return rows
     if name == "pipeline":
         return [("`dvc repro`, default params", f"{r['repro_s'] / 60:.1f} min ({len(r['stages_run'])} stages)"),
                 ("no-op `dvc repro`", f"{r['noop_repro_s']:.1f} s")]
@@ -187,7 +199,7 @@ def write_table(status: dict[str, dict], overrides: list[str]) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="skip temporal, pipeline, memory and CPU raft_large")
+    parser.add_argument("--quick", action="store_true", help="skip temporal, published, pipeline, memory and CPU raft_large")
     parser.add_argument("--only", action="append", default=[], help=f"NAME[,NAME]: run only these ({', '.join(ORDER)})")
     parser.add_argument("--workspace", type=Path, default=None, help="reuse/create the shared workspace here")
     parser.add_argument("--temporal-data", type=Path, default=None,

@@ -25,6 +25,18 @@ def test_table_rows_say_where_and_when_each_file_was_measured(tmp_path, monkeypa
     assert any(r.startswith("| render | - | not measured") for r in rows)
 
 
+def test_table_rows_of_the_published_archs(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    iv = {"mean": 27.5, "lo": 26.9, "hi": 28.1}
+    published = {"archs": {"simvp": {"steps": 1200, "train_s": 598.7}},
+                 "splits": {"test": {"methods": {"simvp": {"psnr": iv}},
+                                     "model_minus": {"simvp": {"psnr": {"mean": 3.6, "lo": 3.1, "hi": 4.2}}}}}}
+    (tmp_path / "published.json").write_text(json.dumps(published))
+    rows = [line for line in run_all.write_table({}, []).read_text().splitlines() if line.startswith("| published")]
+    assert rows == ["| published | published simvp (test), 1200 steps in 599 s | 27.50 dB [26.90, 28.10]; "
+                    "model - simvp +3.60 dB [+3.10, +4.20] | ? | ? CPU |"]
+
+
 def test_table_only_takes_no_run_options(monkeypatch):
     monkeypatch.setattr("sys.argv", ["run_all.py", "--table", "--only", "render"])
     with pytest.raises(SystemExit, match="runs nothing"):
