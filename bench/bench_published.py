@@ -11,8 +11,9 @@ lr/10. With --seconds the step count is set from 10 timed steps of a throwaway c
 budget; the steps are recorded, and --steps N repeats the run exactly. Then every val and test video is scored as the evaluate
 stage scores it (the first eval.context frames in, eval.horizon predicted, uint8 frames, PSNR / SSIM per step),
 next to the workspace's temporal model (models/temporal.pt, the rollout infer makes, without TTT) and the
-baselines, with paired bootstrap intervals over the same videos (eval.bootstrap, eval.seed). Configs are chosen
-on val; test is reported. Writes bench/results/published[_NAME].json.
+baselines, with paired bootstrap intervals over the same videos (eval.bootstrap, eval.seed). Both splits are
+scored so that a config change (-S) is judged on val; the README reports test. Writes
+bench/results/published[_NAME].json.
 """
 from __future__ import annotations
 
