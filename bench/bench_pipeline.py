@@ -25,13 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, copy_project, save, set_params  # noqa: E402
 
 
-def dvc(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
+def dvc(args: list[str], cwd: Path, env: dict) -> tuple[float, str, dict[str, float]]:
+    """Run `dvc ARGS`: (wall seconds, output, {stage: seconds from its 'Running stage' line to the next})."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    marks: list[tuple[str, float]] = []
+    lines: list[str] = []
+    env = dict(env, PYTHONUNBUFFERED="1")  # lines arrive when printed, so their arrival times the stages
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"Running stage '(\w+)'", line)
+            if found:
+                marks.append((found.group(1), time.perf_counter()))
     seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"dvc {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return seconds, result.stdout + result.stderr
+    out = "".join(lines)
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{out[-6000:]}")
+    ends = [t for _, t in marks[1:]] + [start + seconds]
+    stage_s = {name: round(end - begin, 1) for (name, begin), end in zip(marks, ends)}
+    return seconds, out, stage_s
 
 
 def lock_outs(lock_text: str) -> dict[str, str]:
@@ -68,9 +81,9 @@ def main() -> None:
                 subprocess.run(cmd, cwd=root, env=env, check=True)
             head = None
         committed = (root / "dvc.lock").read_text() if (root / "dvc.lock").is_file() else None
-        full_s, out = dvc(["repro"], root, env)
-        stages = re.findall(r"Running stage '(\w+)'", out)
-        noop_s, _ = dvc(["repro"], root, env)
+        full_s, out, stage_s = dvc(["repro"], root, env)
+        stages = list(stage_s)
+        noop_s, _, _ = dvc(["repro"], root, env)
         metrics = json.loads((root / "reports" / "metrics.json").read_text())
         check = None
         if args.clone:
@@ -81,8 +94,10 @@ def main() -> None:
                      "outs_differing": sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))}
     result = {"overrides": args.set, "source": "git clone of HEAD" if args.clone else "copy of the working tree",
               "repro_s": round(full_s, 1), "noop_repro_s": round(noop_s, 2), "stages_run": stages,
+              "stage_s": stage_s,
               "metrics": metrics, "lock_check": check}
     print(f"dvc repro (all {len(stages)} stages): {full_s / 60:.1f} min; no-op dvc repro: {noop_s:.1f} s")
+    print("per stage (s): " + ", ".join(f"{name} {sec:.0f}" for name, sec in stage_s.items()))
     if check is not None:
         print(f"git status --short dvc.lock: {check['git_status_dvc_lock'] or '(nothing)'}; "
               f"outs differing: {check['outs_differing'] or 'none'}")
