@@ -25,14 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, copy_project, save, set_params  # noqa: E402
 
 
-def dvc(args: list[str], cwd: Path, env: dict) -> tuple[float, str, dict[str, float]]:
-    """Run `dvc ARGS`: (wall seconds, output, {stage: seconds from its 'Running stage' line to the next})."""
+def run_timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str, dict[str, float]]:
+    """Run CMD: (wall seconds, output, {stage: seconds from its 'Running stage' line to the next or the end})."""
     start = time.perf_counter()
     marks: list[tuple[str, float]] = []
     lines: list[str] = []
     env = dict(env, PYTHONUNBUFFERED="1")  # lines arrive when printed, so their arrival times the stages
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             lines.append(line)
             found = re.search(r"Running stage '(\w+)'", line)
@@ -41,10 +40,14 @@ def dvc(args: list[str], cwd: Path, env: dict) -> tuple[float, str, dict[str, fl
     seconds = time.perf_counter() - start
     out = "".join(lines)
     if proc.returncode != 0:
-        raise SystemExit(f"dvc {' '.join(args)} failed:\n{out[-6000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{out[-6000:]}")
     ends = [t for _, t in marks[1:]] + [start + seconds]
-    stage_s = {name: round(end - begin, 1) for (name, begin), end in zip(marks, ends)}
-    return seconds, out, stage_s
+    return seconds, out, {name: round(end - begin, 1) for (name, begin), end in zip(marks, ends)}
+
+
+def dvc(args: list[str], cwd: Path, env: dict) -> tuple[float, str, dict[str, float]]:
+    """Run `dvc ARGS` with run_timed."""
+    return run_timed([sys.executable, "-m", "dvc", *args], cwd, env)
 
 
 def lock_outs(lock_text: str) -> dict[str, str]:
