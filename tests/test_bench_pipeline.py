@@ -8,16 +8,17 @@ from bench.bench_pipeline import run_timed
 
 SCRIPT = """
 import time
-print("Running stage 'first':", flush=True)
+print("Running stage 'first':")  # no flush: run_timed's PYTHONUNBUFFERED must deliver it at once
 time.sleep(0.4)
 print("some stage output")
-print("Running stage 'second':", flush=True)
+print("Running stage 'second':")
 time.sleep(0.2)
 """
 
 
 def test_stage_times_span_from_each_running_line_to_the_next(tmp_path):
-    seconds, out, stage_s = run_timed([sys.executable, "-c", SCRIPT], tmp_path, dict(os.environ))
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a plain shell would have it
+    seconds, out, stage_s = run_timed([sys.executable, "-c", SCRIPT], tmp_path, buffered)
     assert list(stage_s) == ["first", "second"] and "some stage output" in out
     assert stage_s["first"] >= 0.4 and stage_s["second"] >= 0.2
     assert seconds >= stage_s["first"] + stage_s["second"] - 0.1  # rounding to 0.1 s
