@@ -7,7 +7,7 @@ import torch
 import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pipeline.metrics import (PSNR_MAX_DB, LPIPSUnavailable, average_precision, f1_score, histogram_distance,
+from pipeline.metrics import (PSNR_MAX_DB, SSIM_CHUNK, LPIPSUnavailable, average_precision, f1_score, histogram_distance,
                               hue_histogram, load_lpips, lpips_backbone_path, lpips_distance, psnr, region_psnr,
                               region_ssim, ssim, ssim_map)
 
@@ -60,6 +60,20 @@ def test_ssim_odd_sizes_and_extremes():
         ssim(torch.rand(3, 8, 8), torch.rand(3, 8, 8))
     with pytest.raises(ValueError, match="same shape"):
         ssim(torch.rand(3, 16, 16), torch.rand(3, 16, 17))
+
+
+def test_ssim_over_many_images_scores_each_on_its_own():
+    """More images than one float64 block: each score matches skimage and does not depend on its neighbours."""
+    g = torch.Generator().manual_seed(3)
+    n = 2 * SSIM_CHUNK // 3 + 1  # videos: 3 channels each, so the images span three blocks, the last one partial
+    a = torch.rand(n, 3, 16, 20, generator=g)
+    b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    batched = ssim(a, b)
+    assert batched.shape == (n,)
+    for i in (0, SSIM_CHUNK // 3, n - 1):  # first block, the block edge, the partial block
+        assert float(batched[i]) == pytest.approx(skimage_ssim(a[i], b[i]), abs=1e-4)
+        assert float(batched[i]) == float(ssim(a[i], b[i]))
+    assert ssim(a[:0], b[:0]).shape == (0,)
 
 
 def test_psnr_identical_images_is_capped():
