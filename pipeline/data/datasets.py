@@ -1,6 +1,7 @@
 """Torch datasets that stream frames, flow and latents from the pipeline's HDF5 files."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -17,17 +18,24 @@ class _H5Files:
 
     def __init__(self, **paths: str | Path | None):
         self.paths = {k: Path(v) for k, v in paths.items() if v is not None}
-        self._pid, self._files = None, {}
+        self._pid, self._files, self._datasets = None, {}, {}
 
     def __getitem__(self, key: str) -> h5py.File:
         if self._pid != os.getpid():
-            self._pid, self._files = os.getpid(), {}
+            self._pid, self._files, self._datasets = os.getpid(), {}, {}
         if key not in self._files:
             self._files[key] = open_h5(self.paths[key])
         return self._files[key]
 
+    def dataset(self, key: str, split: str, name: str) -> h5py.Dataset:
+        """`<split>/<name>` of file `key`, looked up once per process (a group lookup costs as much as a frame read)."""
+        if self._pid != os.getpid() or (key, split, name) not in self._datasets:
+            self[key]  # (re)opens the file in this process, resetting the lookups after a fork
+            self._datasets[key, split, name] = self._files[key][split][name]
+        return self._datasets[key, split, name]
+
     def __getstate__(self):
-        return {"paths": self.paths, "_pid": None, "_files": {}}
+        return {"paths": self.paths, "_pid": None, "_files": {}, "_datasets": {}}
 
 
 def has_split(path: str | Path, split: str) -> bool:
@@ -72,7 +80,7 @@ class FrameDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         v, t = divmod(int(index), self.num_frames)
-        return frames_to_tensor(self.files["frames"][self.split]["video"][v, t])  # [3,H,W]
+        return frames_to_tensor(self.files.dataset("frames", self.split, "video")[v, t])  # [3,H,W]
 
 
 class FlowFieldDataset(Dataset):
@@ -87,7 +95,7 @@ class FlowFieldDataset(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         v, t = divmod(int(index), self.num_pairs)
-        return torch.from_numpy(self.files["flow"][self.split]["bwd"][v, t].astype(np.float32))  # [2,H,W]
+        return torch.from_numpy(self.files.dataset("flow", self.split, "bwd")[v, t].astype(np.float32))  # [2,H,W]
 
 
 class ClipDataset(Dataset):
@@ -118,21 +126,21 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         v, t0 = divmod(int(index), self.windows_per_video)
         t1 = t0 + self.length
-        group = self.files["frames"][self.split]
+        frames = functools.partial(self.files.dataset, "frames", self.split)
         item = {
-            "frames": frames_to_tensor(group["video"][v, t0:t1]),  # [L,3,H,W]
-            "collision": torch.from_numpy(group["collision"][v, t0:t1].astype(np.float32)),  # [L]
-            "boxes": torch.from_numpy(group["boxes"][v, t0:t1].astype(np.float32)),  # [L,K,4]
-            "box_mask": torch.from_numpy(group["box_mask"][v, t0:t1].astype(np.float32)),  # [L,K]
-            "video_index": torch.tensor(int(group["video_index"][v])),
+            "frames": frames_to_tensor(frames("video")[v, t0:t1]),  # [L,3,H,W]
+            "collision": torch.from_numpy(frames("collision")[v, t0:t1].astype(np.float32)),  # [L]
+            "boxes": torch.from_numpy(frames("boxes")[v, t0:t1].astype(np.float32)),  # [L,K,4]
+            "box_mask": torch.from_numpy(frames("box_mask")[v, t0:t1].astype(np.float32)),  # [L,K]
+            "video_index": torch.tensor(int(frames("video_index")[v])),
         }
         if "flow" in self.files.paths:
-            flow = self.files["flow"][self.split]
-            item["flow_bwd"] = torch.from_numpy(flow["bwd"][v, t0:t1 - 1].astype(np.float32))  # [L-1,2,H,W]
-            item["flow_fwd"] = torch.from_numpy(flow["fwd"][v, t0:t1 - 1].astype(np.float32))  # [L-1,2,H,W]
-            item["occ"] = torch.from_numpy(flow["occ"][v, t0:t1 - 1].astype(np.float32) / 255.0)[:, None]  # [L-1,1,H,W]
+            flow = functools.partial(self.files.dataset, "flow", self.split)
+            item["flow_bwd"] = torch.from_numpy(flow("bwd")[v, t0:t1 - 1].astype(np.float32))  # [L-1,2,H,W]
+            item["flow_fwd"] = torch.from_numpy(flow("fwd")[v, t0:t1 - 1].astype(np.float32))  # [L-1,2,H,W]
+            item["occ"] = torch.from_numpy(flow("occ")[v, t0:t1 - 1].astype(np.float32) / 255.0)[:, None]  # [L-1,1,H,W]
         if "latents" in self.files.paths:
-            latents = self.files["latents"][self.split]
-            item["z"] = torch.from_numpy(latents["z"][v, t0:t1].astype(np.float32))  # [L,C,h,w]
-            item["zf"] = torch.from_numpy(latents["zf"][v, t0:t1 - 1].astype(np.float32))  # [L-1,Cf,h,w]
+            latents = functools.partial(self.files.dataset, "latents", self.split)
+            item["z"] = torch.from_numpy(latents("z")[v, t0:t1].astype(np.float32))  # [L,C,h,w]
+            item["zf"] = torch.from_numpy(latents("zf")[v, t0:t1 - 1].astype(np.float32))  # [L-1,Cf,h,w]
         return item
