@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -76,8 +76,14 @@ class TTTAdapter:
             for k, v in self._trained.items():
                 state[k].copy_(v)
 
-    def _context_loss(self, context: dict[str, Tensor]) -> Tensor:
-        loss = self.model.ttt_loss(context, self.loss_kind)
+    def _objective(self, context: dict[str, Tensor]) -> Callable[[], Tensor]:
+        """The context loss as a function of the current weights (the model's `ttt_objective` if it has one)."""
+        if hasattr(self.model, "ttt_objective"):
+            return self.model.ttt_objective(context, self.loss_kind, self.params)
+        return lambda: self.model.ttt_loss(context, self.loss_kind)
+
+    def _context_loss(self, objective: Callable[[], Tensor]) -> Tensor:
+        loss = objective()
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"{type(self.model).__name__}.ttt_loss must return a scalar tensor, got "
                              f"{getattr(loss, 'shape', type(loss).__name__)}")
@@ -99,8 +105,9 @@ class TTTAdapter:
         best_weights = [p.detach().clone() for p in self.params]
         try:
             with torch.enable_grad():
+                objective = self._objective(context)
                 for step in range(self.steps + 1):  # step k evaluates the weights after k updates
-                    loss = self._context_loss(context)
+                    loss = self._context_loss(objective)
                     value = float(loss.detach())
                     if step == 0:
                         before = value

@@ -257,6 +257,49 @@ def test_ttt_api(tiny_params, arch):
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_ttt_objective_is_ttt_loss_at_the_current_weights(tiny_params, arch):
+    """What TTT minimises (`ttt_objective`, which may precompute what the adapted weights do not reach) is
+    `ttt_loss` at every step: same value and gradient, and it follows the adapted weights as they change."""
+    p = tiny_params
+    model = make_model(p, arch).eval()
+    c = p.model.context
+    ctx = context_only(make_batch(p, length=c + 2), c + 1)
+    for which in ("flow_head", "all"):
+        params = model.ttt_parameters(which)
+        if params is None:
+            continue
+        objective = model.ttt_objective(ctx, "full", params)
+        for _ in range(2):  # the trained weights, then moved ones
+            ours, ref = objective(), model.ttt_loss(ctx, "full")
+            assert torch.equal(ours, ref)
+            for a, b in zip(torch.autograd.grad(ours, params, allow_unused=True),
+                            torch.autograd.grad(ref, params, allow_unused=True)):
+                assert (a is None and b is None) or torch.equal(a, b)
+            with torch.no_grad():
+                for q in params:
+                    q.add_(0.05 * torch.randn_like(q))
+
+
+def test_warp_occ_pixel_ttt_objective_runs_the_trunk_once(tiny_params):
+    """With only the flow head adapted, the trunk runs once per context window, not once per TTT step."""
+    p = tiny_params
+    model = make_model(p, "warp_occ").eval()
+    c = p.model.context
+    ctx = context_only(make_batch(p, length=c + 2), c + 1)  # one window of c frames before the last context frame
+    calls = []
+    model.trunk.register_forward_hook(lambda *_: calls.append(1))
+    objective = model.ttt_objective(ctx, "full", model.ttt_parameters("flow_head"))
+    for _ in range(3):
+        objective()
+    assert len(calls) == 1
+    calls.clear()
+    objective = model.ttt_objective(ctx, "full", model.ttt_parameters("all"))  # the trunk is adapted: every step
+    for _ in range(3):
+        objective()
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_a_few_steps_lower_the_loss(tiny_params, arch):
     p = tiny_params
     model = make_model(p, arch)

@@ -160,6 +160,11 @@ class TemporalModel(nn.Module):
     def _ttt_flow_head(self) -> nn.Module | None:
         return None
 
+    def ttt_objective(self, batch: Mapping[str, Tensor], kind: str, params) -> Callable[[], Tensor]:
+        """`ttt_loss(batch, kind)` as a function of the current weights, for TTT adapting `params`; an arch
+        may precompute here what those weights do not reach."""
+        return lambda: self.ttt_loss(batch, kind)
+
     @staticmethod
     def _check_ttt_kind(kind: str) -> None:
         if kind not in ("warp", "full"):

@@ -28,7 +28,7 @@ collision focal and state L1 (their heads read detached per-step features).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -76,21 +76,26 @@ class PixelWarpOcc(TemporalModel):
         self.state_head = StateHead(hid, num_boxes) if num_boxes else None
 
     # ---- prediction -------------------------------------------------------------------------
-    def velocity(self, frames: Tensor, flows: Tensor) -> tuple[Tensor, Tensor]:
-        """Context frames [B,c,3,H,W] and the flows between them [B,c-1,2,H,W] -> (velocity [B,2,H,W], feats)."""
+    def features(self, frames: Tensor, flows: Tensor) -> Tensor:
+        """Context frames [B,c,3,H,W] and the flows between them [B,c-1,2,H,W] -> trunk features [B,hid,H,W]."""
         c = self.context
         if frames.shape[1:] != (c, 3, *self.frame_size) or flows.shape[1:] != (c - 1, 2, *self.frame_size):
             raise ValueError(f"warp_occ: need frames [B,{c},3,{self.frame_size[0]},{self.frame_size[1]}] and flows "
                              f"[B,{c - 1},2,...], got {tuple(frames.shape)} and {tuple(flows.shape)}")
-        feats = self.trunk(torch.cat([frames.flatten(1, 2) * 2 - 1, flows.flatten(1, 2) / FLOW_SCALE], dim=1))
+        return self.trunk(torch.cat([frames.flatten(1, 2) * 2 - 1, flows.flatten(1, 2) / FLOW_SCALE], dim=1))
+
+    def velocity(self, frames: Tensor, flows: Tensor, feats: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Context frames and flows (and their trunk features, computed when None) -> (velocity [B,2,H,W], feats)."""
+        if feats is None:
+            feats = self.features(frames, flows)
         out = self.flow_head(feats)  # [B,3,H,W]
         v_obs = -flows[:, -1]  # how each pixel of the last frame moved into it
         return torch.sigmoid(out[:, 2:3]) * v_obs + out[:, :2] * FLOW_SCALE, feats
 
-    def _unroll(self, frames: Tensor, flows: Tensor, steps: int) -> dict[str, Tensor]:
-        """Predict `steps` frames after the context; outputs stacked on dim 1."""
+    def _unroll(self, frames: Tensor, flows: Tensor, steps: int, feats: Tensor | None = None) -> dict[str, Tensor]:
+        """Predict `steps` frames after the context (from the trunk features `feats` if given); stacked on dim 1."""
         last = frames[:, -1]  # [B,3,H,W]
-        v, feats = self.velocity(frames, flows)
+        v, feats = self.velocity(frames, flows, feats)
         importance = ADVECT_IMPORTANCE * v.detach().norm(dim=1, keepdim=True)  # order only: no gradient
         use_fill = self.model_cfg.fill == "extrap"
         fill = last  # [B,3,H,W] the last frame re-warped k times by the field held in place (model.fill=extrap)
@@ -161,16 +166,35 @@ class PixelWarpOcc(TemporalModel):
     def ttt_loss(self, batch: Mapping[str, Tensor], kind: str) -> Tensor:
         """Rollouts inside the context, as the real rollout runs: from every window of `context` frames,
         predict the remaining context frames; 'warp' scores the warped frames, 'full' the predictions."""
-        self._check_ttt_kind(kind)
+        return self._ttt_loss(batch, kind, features=None)
+
+    def ttt_objective(self, batch: Mapping[str, Tensor], kind: str, params) -> Callable[[], Tensor]:
+        """`ttt_loss` as a function of the current weights. When TTT adapts none of the trunk's weights, the
+        trunk features of every window are computed once here: each TTT step then runs only what it changes
+        (same values: the trunk sees the same inputs and weights every step)."""
+        trunk = {id(p) for p in self.trunk.parameters()}
+        if any(id(p) in trunk for p in params):
+            return super().ttt_objective(batch, kind, params)
+        with torch.no_grad():
+            features = [self.features(w["frames"], w["flow_bwd"]) for w in self._ttt_windows(batch)]
+        return lambda: self._ttt_loss(batch, kind, features=features)
+
+    def _ttt_windows(self, batch: Mapping[str, Tensor]) -> list[Mapping[str, Tensor]]:
+        """Every window of `context` frames that leaves a context frame after it."""
         T = self._require(batch, ["frames", "flow_bwd"], min_frames=2)
         c = self.context
         if T <= c:
             raise ValueError(f"warp_occ TTT needs more than model.context={c} context frames, got {T}")
+        return [clip_slice(batch, start, start + c) for start in range(0, T - c)]
+
+    def _ttt_loss(self, batch: Mapping[str, Tensor], kind: str, *, features: list[Tensor] | None) -> Tensor:
+        self._check_ttt_kind(kind)
         key = "warped" if kind == "warp" else "frame"
+        c, T = self.context, batch["frames"].shape[1]
         losses = []
-        for start in range(0, T - c):
-            window = clip_slice(batch, start, start + c)
-            out = self._unroll(window["frames"], window["flow_bwd"], T - c - start)
+        for start, window in enumerate(self._ttt_windows(batch)):
+            feats = None if features is None else features[start]
+            out = self._unroll(window["frames"], window["flow_bwd"], T - c - start, feats)
             losses.append(l1(out[key], batch["frames"][:, start + c:]))
         return torch.stack(losses).mean()
 
