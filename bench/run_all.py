@@ -14,6 +14,8 @@ Benchmarks, in order (NAME: script -> result):
                                --temporal-data DIR with data/ and models/, default this repo after `dvc repro`)
   published bench_published.py published archs (SimVP, MVFN, ConvLSTM) trained from scratch on the base run's frames,
                                10 CPU minutes each, scored beside its model on val and test (same base as temporal)
+  eval_kernels bench_eval_kernels.py  SSIM's matmul blur vs the float64 conv2d it replaced, the TTT step with the trunk
+                               computed once vs every step (ratios; same base as temporal)
   pipeline  bench_pipeline.py  default `dvc repro` wall time and no-op `dvc repro` time (slow)
   memory    bench_memory.py    peak memory of extract and train_vae at 1x, 2x, 4x the default videos (slow)
 --quick skips temporal, published, pipeline and memory and the CPU raft_large flow rows. render/extract/flow/train/infer/wait_policy
@@ -37,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, RESULTS, machine  # noqa: E402
 
 BENCH = REPO / "bench"
-ORDER = ["render", "extract", "flow", "train", "infer", "wait_policy", "temporal", "published", "pipeline", "memory"]
+ORDER = ["render", "extract", "flow", "train", "infer", "wait_policy", "temporal", "published", "eval_kernels", "pipeline",
+         "memory"]
 SLOW = {"temporal", "published", "pipeline", "memory"}
 TEMPORAL_FILES = ["data/frames.h5", "data/flow.h5", "data/latents.h5", "models/vae.pt", "models/flow_vae.pt"]
 
@@ -60,6 +63,8 @@ def commands(names: list[str], *, workspace: Path, quick: bool, overrides: list[
                      "no trained upstream outputs (run `dvc repro` first or pass --temporal-data DIR)"),
         "published": (["bench_published.py", "--base", str(temporal_data)] if temporal_data is not None else
                       "no trained upstream outputs (run `dvc repro` first or pass --temporal-data DIR)"),
+        "eval_kernels": (["bench_eval_kernels.py", "--base", str(temporal_data)] if temporal_data is not None else
+                         "no trained upstream outputs (run `dvc repro` first or pass --temporal-data DIR)"),
         "pipeline": ["bench_pipeline.py", *sets],
         "memory": ["bench_memory.py"],
     }
@@ -147,6 +152,15 @@ def headline(name: str, r: dict) -> list[tuple[str, str]]:
             rows.append((f"published {arch} (test), {run['steps']} steps in {run['train_s']:.0f} s",
                          f"{m['mean']:.2f} dB [{m['lo']:.2f}, {m['hi']:.2f}]; model - {arch} {d['mean']:+.2f} dB "
                          f"[{d['lo']:+.2f}, {d['hi']:+.2f}]"))
+        return rows
+    if name == "eval_kernels":
+        s_, t = r["ssim"], r["ttt"]
+        rows = [(f"SSIM of {s_['shape']}, float64 conv2d / ours", f"{s_['conv2d_s']} / {s_['ours_s']} s: ratio "
+                 f"{s_['ratio_conv2d_over_ours']:.2f} (max score diff {s_['max_abs_diff']})")]
+        if "skipped" not in t:
+            rows.append((f"TTT step ({t['ttt_params']}), ttt_loss / ttt_objective",
+                         f"{t['ttt_loss_ms_per_step']} / {t['ttt_objective_ms_per_step']} ms: ratio "
+                         f"{t['ratio_loss_over_objective']:.2f} (max loss diff {t['max_abs_loss_diff']})"))
         return rows
     if name == "pipeline":
         return [("`dvc repro`, default params", f"{r['repro_s'] / 60:.1f} min ({len(r['stages_run'])} stages)"),
