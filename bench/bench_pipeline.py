@@ -7,6 +7,10 @@ Usage: python bench/bench_pipeline.py [--set KEY=VALUE ...]   (e.g. --set data.v
 With --clone (no overrides) the run is also the reproducibility check: after `dvc repro` in the clone,
 `git status --short dvc.lock` must print nothing, i.e. every output hashes as the committed dvc.lock says;
 the result records that output and, per stage, the outputs whose md5 differ.
+
+Before and after the runs it times one default train_temporal step on random inputs (bench/speed_probe.py,
+the workspace's params.yaml) and records the repro's wall time in those steps: a change of the pipeline moves
+that ratio, a slower machine moves the probe and the wall time together.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, copy_project, save, set_params  # noqa: E402
+from bench.speed_probe import probe_step_seconds  # noqa: E402
 
 
 def run_timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str, dict[str, float]]:
@@ -70,6 +75,10 @@ def main() -> None:
     if args.clone and args.set:
         raise SystemExit("--clone checks the committed dvc.lock: it takes no --set overrides")
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    from pipeline.config import load_params
+
+    probe_params = load_params(REPO / "params.yaml")
+    probe_before = probe_step_seconds(probe_params)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "project"
         if args.clone:
@@ -95,11 +104,17 @@ def main() -> None:
             before, after = lock_outs(committed or "stages: {}"), lock_outs((root / "dvc.lock").read_text())
             check = {"commit": head, "git_status_dvc_lock": status, "identical": status == "",
                      "outs_differing": sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))}
+    probe_after = probe_step_seconds(probe_params)
+    probe_s = (probe_before["step_s"] + probe_after["step_s"]) / 2
+    probe = {"before": probe_before, "after": probe_after, "repro_in_probe_steps": round(full_s / probe_s)}
     result = {"overrides": args.set, "source": "git clone of HEAD" if args.clone else "copy of the working tree",
               "repro_s": round(full_s, 1), "noop_repro_s": round(noop_s, 2), "stages_run": stages,
               "stage_s": stage_s,
-              "metrics": metrics, "lock_check": check}
+              "metrics": metrics, "lock_check": check,
+              "speed_probe": probe}
     print(f"dvc repro (all {len(stages)} stages): {full_s / 60:.1f} min; no-op dvc repro: {noop_s:.1f} s")
+    print(f"speed probe: {probe_before['step_s'] * 1000:.0f} ms per train_temporal step before, "
+          f"{probe_after['step_s'] * 1000:.0f} after; the repro took {probe['repro_in_probe_steps']} probe steps")
     print("per stage (s): " + ", ".join(f"{name} {sec:.0f}" for name, sec in stage_s.items()))
     if check is not None:
         print(f"git status --short dvc.lock: {check['git_status_dvc_lock'] or '(nothing)'}; "

@@ -163,8 +163,14 @@ def headline(name: str, r: dict) -> list[tuple[str, str]]:
                          f"{t['ratio_loss_over_objective']:.2f} (max loss diff {t['max_abs_loss_diff']})"))
         return rows
     if name == "pipeline":
-        return [("`dvc repro`, default params", f"{r['repro_s'] / 60:.1f} min ({len(r['stages_run'])} stages)"),
+        rows = [("`dvc repro`, default params", f"{r['repro_s'] / 60:.1f} min ({len(r['stages_run'])} stages)"),
                 ("no-op `dvc repro`", f"{r['noop_repro_s']:.1f} s")]
+        probe = r.get("speed_probe")  # results before bench/speed_probe.py have none
+        if probe:
+            rows.append(("`dvc repro` in default train_temporal steps (bench/speed_probe.py)",
+                         f"{probe['repro_in_probe_steps']:,} steps; a step took {1000 * probe['before']['step_s']:.0f} ms "
+                         f"before, {1000 * probe['after']['step_s']:.0f} ms after"))
+        return rows
     if name == "memory":
         rows = [(f"peak memory, {row['scale']}x videos ({row['frames_h5_mb']:.0f} MB frames.h5)",
                  f"extract {row['extract_peak_mb']} MB, train_vae {row['train_vae_peak_mb']} MB") for row in r["rows"]]

@@ -25,6 +25,15 @@ def test_table_rows_say_where_and_when_each_file_was_measured(tmp_path, monkeypa
     assert any(r.startswith("| render | - | not measured") for r in rows)
 
 
+def test_pipeline_rows_show_the_speed_probe_when_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    probe = {"before": {"step_s": 0.547}, "after": {"step_s": 0.612}, "repro_in_probe_steps": 1742}
+    pipeline = {"repro_s": 1009.8, "noop_repro_s": 9.9, "stages_run": ["a"], "speed_probe": probe}
+    (tmp_path / "pipeline.json").write_text(json.dumps(pipeline))
+    rows = [line for line in run_all.write_table({}, []).read_text().splitlines() if line.startswith("| pipeline")]
+    assert len(rows) == 3 and "1,742 steps; a step took 547 ms before, 612 ms after" in rows[2]
+
+
 def test_table_rows_of_the_published_archs(tmp_path, monkeypatch):
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
     iv = {"mean": 27.5, "lo": 26.9, "hi": 28.1}
