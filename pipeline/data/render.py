@@ -228,6 +228,8 @@ class Renderer:
         self.floor_ldist = np.linalg.norm(to_light, axis=-1)  # [S,HW]
         self.floor_ldir = to_light / self.floor_ldist[..., None]
         self.floor_lambert = np.clip(self.floor_ldir[..., 2], 0.0, None)  # [S,HW] (normal = +z)
+        self.floor_diffuse = self.floor_lambert.mean(0)  # [HW] where no object shadows the floor
+        self.floor_image = (FLOOR_RGB * (AMBIENT + DIFFUSE * self.floor_diffuse[:, None])).astype(np.float32)  # [HW,3]
 
     def pose(self, t: int, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Object i's centre [3] and rotation [3,3] (local -> world) at frame t."""
@@ -283,16 +285,15 @@ class Renderer:
                 loc = (pts[m] - c) @ r  # [m,3] local
                 local[on_obj[m]] = loc
                 nrm[m] = _normal(self.scene.shapes[i], loc) @ r.T
-        # per light sample: ray origin, direction and distance; the floor's are precomputed
-        origins = self.floor_origins.copy()  # [HW,3]
-        origins[on_obj] = pts + nrm * 1e-4
-        ldir = self.floor_ldir.copy()  # [S,HW,3]
-        ldist = self.floor_ldist.copy()  # [S,HW]
-        to_light = LIGHT_SAMPLES[:, None, :] - origins[on_obj][None]  # [S,n,3]
-        ldist[:, on_obj] = np.linalg.norm(to_light, axis=-1)
-        ldir[:, on_obj] = to_light / ldist[:, on_obj, None]
-        lambert = self.floor_lambert.copy()  # [S,HW]
-        lambert[:, on_obj] = np.clip((ldir[:, on_obj] * nrm[None]).sum(-1), 0.0, None)
+        # per light sample: ray origin, direction and distance of the object pixels; the floor's are precomputed
+        # and only the pixels a shadow ray or an object touches are computed per frame
+        obj_origins = pts + nrm * 1e-4  # [n,3]
+        to_light = LIGHT_SAMPLES[:, None, :] - obj_origins[None]  # [S,n,3]
+        obj_ldist = np.linalg.norm(to_light, axis=-1)  # [S,n]
+        obj_ldir = to_light / obj_ldist[..., None]
+        obj_lambert = np.clip((obj_ldir * nrm[None]).sum(-1), 0.0, None)  # [S,n]
+        slot = np.full(h * w, -1)
+        slot[on_obj] = np.arange(len(on_obj))  # pixel -> its row in the obj_* arrays (-1: floor)
         lit = np.ones((n_s, h * w), dtype=bool)
         for i in range(k):  # shadow rays, only where object i can cast a shadow
             rect = self.shadow_rect(t, i)
@@ -303,17 +304,29 @@ class Renderer:
             pix = pix[flat_obj[pix] != i]  # convex: an object never shadows itself
             if not len(pix):
                 continue
+            rows = slot[pix]
+            on = rows >= 0
+            origins = self.floor_origins[pix]  # [m,3]
+            origins[on] = obj_origins[rows[on]]
+            ldir = self.floor_ldir[:, pix]  # [S,m,3]
+            ldir[:, on] = obj_ldir[:, rows[on]]
+            ldist = self.floor_ldist[:, pix]  # [S,m]
+            ldist[:, on] = obj_ldist[:, rows[on]]
             c, r = self.pose(t, i)
-            ol = (origins[pix] - c) @ r
+            ol = (origins - c) @ r
             for s in range(n_s):
                 if lit[s, pix].any():
-                    hit = _intersect(self.scene.shapes[i], ol, ldir[s, pix] @ r) < ldist[s, pix]
+                    hit = _intersect(self.scene.shapes[i], ol, ldir[s] @ r) < ldist[s]
                     lit[s, pix[hit]] = False
-        diffuse = (lambert * lit).mean(0)  # [HW]
-        image = (FLOOR_RGB * (AMBIENT + DIFFUSE * diffuse[:, None])).astype(np.float32)  # [HW,3]
+        shadowed = np.flatnonzero(~lit.all(0))
+        diffuse = self.floor_diffuse.copy()  # [HW]
+        diffuse[shadowed] = (self.floor_lambert[:, shadowed] * lit[:, shadowed]).mean(0)
+        diffuse[on_obj] = (obj_lambert * lit[:, on_obj]).mean(0)
+        image = self.floor_image.copy()  # [HW,3]
+        image[shadowed] = (FLOOR_RGB * (AMBIENT + DIFFUSE * diffuse[shadowed, None])).astype(np.float32)
         if len(on_obj):
             image[on_obj] = self._shade_objects(flat_obj[on_obj], nrm, self.dirs.reshape(-1, 3)[on_obj],
-                                                ldir[:, on_obj], diffuse[on_obj], lit[:, on_obj].mean(0))
+                                                obj_ldir, diffuse[on_obj], lit[:, on_obj].mean(0))
         return Frame(np.clip(image, 0.0, 1.0).reshape(h, w, 3), obj, local.reshape(h, w, 3))
 
     def _shade_objects(self, ids, nrm, dirs, ldir, diffuse, shadow) -> np.ndarray:
