@@ -2,8 +2,8 @@
 
 Usage: python bench/speed_probe.py [--steps 8] [--repeats 3]
 
-The same code and the same outputs took 13.1 and 18.5 minutes of `dvc repro` on two days on the same 2-core
-machine type (README "Against the quality targets"): the CPU time of a step moved, not the pipeline. This
+The same code and the same outputs took 10.9 and 19.6 minutes of `dvc repro` on two days on the same 2-core
+machine type (README "Run time on a slower day"): the CPU time of a step moved, not the pipeline. This
 probe times what dominates a default run, one train_temporal step (forward, loss, backward, clipping, Adam)
 of the pixel-space warp_occ at params.yaml's sizes, on random inputs, so that a wall time can be read against
 the speed the machine had at that moment. bench_pipeline.py runs it before and after `dvc repro` and records
