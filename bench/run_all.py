@@ -106,7 +106,7 @@ def headline(name: str, r: dict) -> list[tuple[str, str]]:
     """(figure, value) rows of one result file."""
     if name == "render":
         d = r["dataset"]
-        run = d.get("run", d)  # the timings: under "run" since render_dataset keeps them apart from its files
+        run = d["run"]  # the timings: render_dataset keeps them apart from what it writes
         return [("synthetic render", f"{1000 * run['seconds_per_frame']:.1f} ms/frame wall, "
                  f"{r['dataset_cpu_ms_per_frame']:.1f} CPU-ms/frame ({d['frames']} frames, {run['workers']} workers)")]
     if name == "extract":

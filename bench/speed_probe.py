@@ -4,7 +4,7 @@ Usage: python bench/speed_probe.py [--steps 8] [--repeats 3]
 
 The same code and the same outputs took 10.9 and 19.6 minutes of `dvc repro` on two days on the same 2-core
 machine type (README "Run time on a slower day"): the CPU time of a step moved, not the pipeline. This
-probe times what dominates a default run, one train_temporal step (forward, loss, backward, clipping, Adam)
+probe times what dominates a default run, one train_temporal step (forward, loss, backward, clipping, AdamW)
 of the pixel-space warp_occ at params.yaml's sizes, on random inputs, so that a wall time can be read against
 the speed the machine had at that moment. bench_pipeline.py runs it before and after `dvc repro` and records
 repro seconds per probe step. Nothing here reads or writes the pipeline's files.
@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from bench.common import REPO  # noqa: E402
 from pipeline.data.extract import MAX_OBJECTS  # noqa: E402
 from pipeline.models.temporal import build_temporal  # noqa: E402
+from pipeline.temporal_training import temporal_loss  # noqa: E402
 
 
 def probe_batch(*, batch: int, frames: int, size: tuple[int, int], boxes: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -51,13 +52,13 @@ def probe_step_seconds(params, *, steps: int = 8, repeats: int = 3, seed: int = 
     model = build_temporal("warp_occ", model=model_cfg, loss=params.loss, frame_size=size, num_boxes=boxes).train()
     batch = probe_batch(batch=params.train.batch, frames=model_cfg.context + params.train.rollout, size=size,
                         boxes=boxes, seed=seed)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=params.train.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=0.0)  # as pipeline.training.train
 
     def step() -> None:
-        loss = model.loss(batch, model(batch))["total"]
+        loss = temporal_loss(model, batch)["total"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), params.train.clip_grad or float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.train.clip_grad or float("inf"))
         opt.step()
 
     step()  # warm-up: allocations, oneDNN primitive caches
